@@ -1,0 +1,85 @@
+"""Engine configuration: one dataclass per concern, validated on construction.
+
+Owns: `EngineConfig` (what the engine serves and how: model source, decoding mode, ISD stride,
+KV budget, batch limits). Validation raises `ValueError` naming the offending field; no I/O here
+(model files are read by `workers.loader`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Mode = Literal["ar", "isd", "risd"]
+MODES: tuple[str, ...] = ("ar", "isd", "risd")
+MAX_STRIDE = 16
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{field_name}: {msg}")
+
+
+@dataclass
+class EngineConfig:
+    """Everything one engine instance needs. Fields are plain values so the cluster layer can
+    build it from a pydantic model or a YAML dict."""
+
+    model: str = "smollm2"
+    """Model source: an alias (`smollm2`), an HF directory, or a `.gguf` file."""
+    mode: Mode = "isd"
+    """`ar`: plain decoding (stride forced to 1). `isd`: introspective strided decoding with the
+    model's own MASK predictions. `risd`: base model + gated LoRA adapter active at MASK rows."""
+    stride: int = 4
+    """ISD stride N: each forward verifies up to N-1 drafts and proposes N-1 new ones (1..16)."""
+    adapter: str | None = None
+    """PEFT directory of the gated LoRA adapter (`risd`). None with `smollm2` uses the demo adapter."""
+    mask_token_id: int | None = None
+    """Overrides the MASK id read from the model / adapter config."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    kv_block_size: int = 16
+    """Tokens per KV page."""
+    num_kv_blocks: int | None = None
+    """KV budget in pages. None: derived from `kv_cache_tokens`."""
+    kv_cache_tokens: int = 65536
+    """KV budget in tokens when `num_kv_blocks` is None."""
+    max_num_seqs: int = 64
+    """Most requests in one forward."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one forward (prefill chunks + ISD blocks)."""
+    max_model_len: int | None = None
+    """Context length limit; None: the model's own."""
+    seed: int = 0
+    """Seeds the per-request seeds of requests that give none."""
+    trust_cache: bool = True
+    """Reuse converted model files in the cache directory."""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.mode in MODES, "mode", f"must be one of {MODES}, got {self.mode!r}")
+        _require(
+            isinstance(self.stride, int) and 1 <= self.stride <= MAX_STRIDE,
+            "stride",
+            f"must be an integer in 1..{MAX_STRIDE}, got {self.stride!r}",
+        )
+        if self.mode == "ar":
+            # NOTE: AR is ISD with N=1: no drafts, no MASK rows.
+            self.stride = 1
+        _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported {self.dtype!r}")
+        _require(self.kv_block_size >= 1, "kv_block_size", "must be >= 1")
+        _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
+        _require(self.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1")
+        _require(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _require(
+            self.max_num_batched_tokens >= 2 * self.stride,
+            "max_num_batched_tokens",
+            f"must be >= 2*stride ({2 * self.stride}) so one ISD block fits a step",
+        )
+        _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+
+    @property
+    def num_blocks(self) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        return -(-self.kv_cache_tokens // self.kv_block_size)

@@ -1,0 +1,85 @@
+"""Engine statistics as plain dataclasses (no prometheus import here; `cluster.metrics` exports).
+
+Owns: `EngineStats`, cumulative counters and gauges since engine start, and the per-event
+observations (latencies, per-request TPF, step durations) that exporters drain into histograms.
+
+Derived figures (also the PromQL of the dashboards):
+  TPF        = generation_tokens / decode_forwards
+  acceptance = accepted_tokens / draft_tokens
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+
+ROUND_KINDS = ("cold", "verify_accept", "verify_reject")
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+@dataclass
+class Observations:
+    """Events since the last drain; each list feeds one histogram."""
+
+    time_to_first_token: list[float] = field(default_factory=list)
+    inter_token_latency: list[float] = field(default_factory=list)
+    e2e_request_latency: list[float] = field(default_factory=list)
+    request_tokens_per_forward: list[float] = field(default_factory=list)
+    step_duration: list[float] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    decode_forwards: int = 0
+    """Per request per forward that committed tokens for it."""
+    draft_tokens: int = 0
+    """Drafts that were verified."""
+    accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+    drafts_per_pos: list[int] = field(default_factory=list)
+    rounds: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ROUND_KINDS})
+    requests: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FINISH_REASONS})
+    preemptions: int = 0
+    steps: int = 0
+    # gauges
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generation_tokens / self.decode_forwards if self.decode_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+class StatsCollector:
+    """Thread-safe holder: the engine thread records, exporters snapshot and drain."""
+
+    def __init__(self, stride: int) -> None:
+        self._lock = threading.Lock()
+        self.stats = EngineStats(
+            accepted_per_pos=[0] * max(stride - 1, 0), drafts_per_pos=[0] * max(stride - 1, 0)
+        )
+        self.obs = Observations()
+
+    def snapshot(self) -> EngineStats:
+        with self._lock:
+            return copy.deepcopy(self.stats)
+
+    def drain(self) -> Observations:
+        with self._lock:
+            obs, self.obs = self.obs, Observations()
+            return obs
+
+    def __enter__(self) -> tuple[EngineStats, Observations]:
+        self._lock.acquire()
+        return self.stats, self.obs
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
