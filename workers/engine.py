@@ -1,0 +1,237 @@
+"""The synchronous engine: `add_request` / `abort` / `step()` = schedule -> forward -> verify/commit.
+
+Owns: wiring of config, model, tokenizer, scheduler, model runner, ISD decoder and output
+processor, plus admission checks and stats recording. Runs without Ray; `workers.async_engine`
+drives it from a background thread for the cluster, `workers.llm` for offline use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels.rng import request_key
+from workers.block_manager import BlockManager
+from workers.config import EngineConfig
+from workers.detokenizer import OutputProcessor
+from workers.isd import Drafter, ISDDecoder, RoundResult
+from workers.model_runner import ModelRunner
+from workers.models.config import ModelConfig
+from workers.models.transformer import CausalLM
+from workers.outputs import RequestOutput
+from workers.request import Request, RequestStatus
+from workers.sampling_params import SamplingParams
+from workers.scheduler import Scheduler
+from workers.stats import StatsCollector
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: CausalLM
+    config: ModelConfig
+    tokenizer: object | None
+    mask_token_id: int | None
+    name: str
+
+
+def load_engine_model(config: EngineConfig) -> LoadedModel:
+    """Resolves the model source, loads weights, tokenizer and (risd) the gated LoRA adapter."""
+    from workers import loader
+
+    model_dir = loader.resolve_model(config.model)
+    dtype = _DTYPES[config.dtype]
+    model, mcfg = loader.load_model(model_dir, dtype=dtype, device=config.device)
+    tokenizer = loader.load_tokenizer(model_dir)
+    mask_id = mcfg.mask_token_id
+    if config.mode == "risd":
+        adapter = config.adapter or loader.default_adapter(config.model)
+        if adapter is None:
+            raise ValueError("adapter: risd mode needs a gated LoRA adapter directory (PEFT format)")
+        info = loader.load_adapter(model, adapter)
+        mask_id = info.mask_token_id if info.mask_token_id is not None else mask_id
+    elif config.mode == "isd" and mask_id is None:
+        mask_id = loader.default_mask_token_id(config.model, mcfg)
+    if config.mask_token_id is not None:
+        mask_id = config.mask_token_id
+    model.eval()
+    return LoadedModel(model, mcfg, tokenizer, mask_id, config.model)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        drafter: Drafter | None = None,
+    ) -> None:
+        self.config = config
+        loaded = loaded or load_engine_model(config)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.mask_token_id = loaded.mask_token_id
+        if config.stride > 1 and self.mask_token_id is None:
+            raise ValueError("mask_token_id: ISD needs a MASK token id (model config, adapter config or engine config)")
+        mcfg = loaded.config
+        self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        self.blocks = BlockManager(config.num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
+        self.runner = ModelRunner(
+            loaded.model,
+            mcfg,
+            config.num_blocks,
+            config.kv_block_size,
+            self.mask_token_id,
+            use_lora_gate=config.mode == "risd",
+            device=config.device,
+            dtype=_DTYPES[config.dtype],
+        )
+        self.decoder = ISDDecoder(mcfg.vocab_size, draft_mode=config.extra.get("draft_mode", "sample"), drafter=drafter)
+        eos = list(mcfg.eos_token_ids)
+        if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.output = OutputProcessor(self.tokenizer, eos)
+        self.stats = StatsCollector(config.stride)
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt: must contain at least one token")
+        V = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= V for t in prompt_token_ids):
+            raise ValueError(f"prompt: token ids must be integers in [0, {V})")
+        if n >= self.max_model_len:
+            raise ValueError(f"prompt: {n} tokens is longer than the context length max_model_len={self.max_model_len}")
+        if n + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={self.max_model_len}"
+            )
+        need = self.blocks.blocks_for(n + params.max_tokens + 2 * self.config.stride)
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt: prompt + max_tokens needs {need} KV blocks but the cache has {self.blocks.num_blocks} "
+                f"(kv_cache_tokens={self.blocks.num_blocks * self.blocks.block_size})"
+            )
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        prompt_token_ids = list(prompt_token_ids)
+        self.validate(prompt_token_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request_id: {rid!r} is already running")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        req = Request(rid, prompt_token_ids, params, rng_key=request_key(seed))
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        with self.stats as (st, _):
+            st.prompt_tokens += len(prompt_token_ids)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.remove(req)
+        req.finish_reason = "abort"
+        return self._finish(req, [], time.monotonic())
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        t0 = time.monotonic()
+        sched = self.scheduler.schedule()
+        if not sched.items:
+            self._update_gauges()
+            return []
+        runner_out = self.runner.execute(sched)
+        results = self.decoder.process(sched, runner_out)
+        by_req = {id(r.item): r for r in results}
+        for it in sched.items:
+            res = by_req.get(id(it))
+            self.scheduler.commit(it, res.num_accepted if res else 0)
+        now = time.monotonic()
+        outputs = [o for r in results if (o := self._apply(r, now)) is not None]
+        with self.stats as (st, obs):
+            st.steps += 1
+            st.preemptions += len(sched.preempted)
+            obs.step_duration.append(now - t0)
+        self._update_gauges()
+        return outputs
+
+    def _apply(self, res: RoundResult, now: float) -> RequestOutput | None:
+        req = res.item.request
+        kept = self.output.append(req, res.tokens)
+        m = req.metrics
+        m.num_forwards += 1
+        m.num_draft_tokens += res.num_drafts
+        m.num_accepted_tokens += res.num_accepted
+        m.num_output_tokens = req.num_output_tokens
+        with self.stats as (st, obs):
+            st.generation_tokens += len(kept)
+            st.decode_forwards += 1
+            st.draft_tokens += res.num_drafts
+            st.accepted_tokens += res.num_accepted
+            for j, ok in enumerate(res.accepted):
+                st.drafts_per_pos[j] += 1
+                st.accepted_per_pos[j] += int(ok)
+            st.rounds[res.kind] += 1
+            if m.first_token_time is None:
+                m.first_token_time = now
+                obs.time_to_first_token.append(now - m.arrival_time)
+                if len(kept) > 1:
+                    obs.inter_token_latency.extend([0.0] * (len(kept) - 1))
+            elif kept:
+                # Tokens committed together share the interval since the previous commit.
+                obs.inter_token_latency.extend([(now - req.last_emit_time) / len(kept)] * len(kept))
+        req.last_emit_time = now
+        if req.finish_reason is not None:
+            self.requests.pop(req.request_id, None)
+            self.scheduler.remove(req)
+            return self._finish(req, kept, now)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=kept,
+            new_text=self.output.text_delta(req, finished=False),
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+        )
+
+    def _finish(self, req: Request, kept: list[int], now: float) -> RequestOutput:
+        req.status = RequestStatus.FINISHED
+        m = req.metrics
+        m.finish_time = now
+        m.num_output_tokens = req.num_output_tokens
+        with self.stats as (st, obs):
+            st.requests[req.finish_reason] = st.requests.get(req.finish_reason, 0) + 1
+            obs.e2e_request_latency.append(now - m.arrival_time)
+            if m.num_forwards:
+                obs.request_tokens_per_forward.append(m.tokens_per_forward)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=kept,
+            new_text=self.output.text_delta(req, finished=True),
+            finished=True,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            metrics=m,
+        )
+
+    def _update_gauges(self) -> None:
+        with self.stats as (st, _):
+            st.num_running = len(self.scheduler.running)
+            st.num_waiting = len(self.scheduler.waiting)
+            st.kv_cache_usage = self.blocks.usage

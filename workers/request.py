@@ -1,0 +1,82 @@
+"""Per-request state: the single carrier of everything the scheduler and ISD decoder know about a
+request (vLLM's `Request`, nano-vllm's `Sequence`). Only the scheduler and the decoder mutate it.
+
+Token accounting: `all_token_ids = prompt + output`. The KV cache holds valid entries for
+`all_token_ids[:num_computed]`; the last token (`pending`) never has KV when a round starts: it is
+the first row of the next block. `drafts` (up to N-1) follow `pending`, each proposed from a MASK
+row of the previous forward, with the logits it was drawn from (`draft_logits`, for q).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.outputs import FinishReason, RequestMetrics
+from workers.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    rng_key: int
+    """32-bit key of the request's random stream (kernels.rng.request_key(seed))."""
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_table: list[int] = field(default_factory=list)
+    drafts: list[int] = field(default_factory=list)
+    draft_logits: torch.Tensor | None = None  # [len(drafts), V] float32, None for greedy requests
+    rng_step: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    # text state (owned by workers.detokenizer)
+    text: str = ""
+    text_sent: int = 0
+    detok_state: object | None = None
+    metrics: RequestMetrics = None  # type: ignore[assignment]
+    last_emit_time: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def remaining_tokens(self) -> int:
+        return self.params.max_tokens - len(self.output_token_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+    def clear_drafts(self) -> None:
+        self.drafts = []
+        self.draft_logits = None
