@@ -143,7 +143,9 @@ class LLMEngine:
             return None
         self.scheduler.remove(req)
         req.finish_reason = "abort"
-        return self._finish(req, [], time.monotonic())
+        out = self._finish(req, [], time.monotonic())
+        self._update_gauges()
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
