@@ -42,7 +42,7 @@ class LoadedModel:
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
     """Resolves the model source, loads weights, tokenizer and (risd) the gated LoRA adapter."""
-    from workers import loader
+    from workers import aliases, loader
 
     model_dir = loader.resolve_model(config.model)
     dtype = _DTYPES[config.dtype]
@@ -50,13 +50,13 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
     tokenizer = loader.load_tokenizer(model_dir)
     mask_id = mcfg.mask_token_id
     if config.mode == "risd":
-        adapter = config.adapter or loader.default_adapter(config.model)
+        adapter = config.adapter or aliases.default_adapter(config.model)
         if adapter is None:
             raise ValueError("adapter: risd mode needs a gated LoRA adapter directory (PEFT format)")
         info = loader.load_adapter(model, adapter)
         mask_id = info.mask_token_id if info.mask_token_id is not None else mask_id
     elif config.mode == "isd" and mask_id is None:
-        mask_id = loader.default_mask_token_id(config.model, mcfg)
+        mask_id = aliases.default_mask_token_id(config.model, mcfg)
     if config.mask_token_id is not None:
         mask_id = config.mask_token_id
     model.eval()
