@@ -55,7 +55,7 @@ def load_engine_model(config: EngineConfig) -> LoadedModel:
             raise ValueError("adapter: risd mode needs a gated LoRA adapter directory (PEFT format)")
         info = loader.load_adapter(model, adapter)
         mask_id = info.mask_token_id if info.mask_token_id is not None else mask_id
-    elif config.mode == "isd" and mask_id is None:
+    if config.stride > 1 and mask_id is None:
         mask_id = aliases.default_mask_token_id(config.model, mcfg)
     if config.mask_token_id is not None:
         mask_id = config.mask_token_id
