@@ -1,0 +1,2 @@
+"""idlm-serve cluster layer: Ray Serve OpenAI ingress, engine replicas, metrics export.
+The only package that imports ray."""

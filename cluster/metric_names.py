@@ -1,0 +1,33 @@
+"""The Prometheus metric vocabulary of idlm-serve (DESIGN §3), as exported by Ray (which adds the
+`ray_` prefix). Pure data: the exporter, the dashboards and the tests all read it from here."""
+
+COUNTERS = {
+    "idlm_prompt_tokens": "Prompt tokens admitted.",
+    "idlm_generation_tokens": "Tokens committed (returned to clients).",
+    "idlm_decode_forwards": "Forwards per request that committed tokens (TPF denominator).",
+    "idlm_draft_tokens": "ISD drafts verified.",
+    "idlm_accepted_tokens": "ISD drafts accepted.",
+    "idlm_accepted_tokens_per_pos": "ISD drafts accepted, by draft position.",
+    "idlm_rounds": "ISD rounds by kind (cold, verify_accept, verify_reject).",
+    "idlm_requests": "Finished requests by finish reason.",
+}
+GAUGES = {
+    "idlm_num_requests_running": "Requests in the running batch.",
+    "idlm_num_requests_waiting": "Requests waiting for admission.",
+    "idlm_kv_cache_usage_ratio": "Fraction of KV blocks in use.",
+}
+HISTOGRAMS = {
+    "idlm_time_to_first_token_seconds": "Time to first token.",
+    "idlm_inter_token_latency_seconds": "Inter-token latency (tokens committed together share the interval).",
+    "idlm_e2e_request_latency_seconds": "End-to-end request latency.",
+    "idlm_request_tokens_per_forward": "Tokens per forward of each finished request.",
+    "idlm_step_duration_seconds": "Engine step duration.",
+}
+LABELS = ("model", "mode", "stride", "replica")
+
+
+def exported_names() -> list[str]:
+    """Names as they appear on Ray's Prometheus endpoint."""
+    names = [f"ray_{n}_total" for n in COUNTERS] + [f"ray_{n}" for n in GAUGES]
+    names += [f"ray_{n}_{s}" for n in HISTOGRAMS for s in ("bucket", "sum", "count")]
+    return names

@@ -1,0 +1,93 @@
+"""Exports one engine's stats as Prometheus metrics through Ray's metrics agent.
+
+Owns: `EngineMetricsExporter`, which periodically diffs the engine's cumulative `EngineStats`
+into `ray.util.metrics` counters, sets gauges and drains per-event observations into histograms.
+Labels: model, mode, stride, replica. Ray exports them with the `ray_` prefix (and `_total` on
+counters).
+
+Derived figures (PromQL used by the dashboards):
+  TPF        = sum(rate(ray_idlm_generation_tokens_total[1m])) / sum(rate(ray_idlm_decode_forwards_total[1m]))
+  acceptance = sum(rate(ray_idlm_accepted_tokens_total[1m])) / sum(rate(ray_idlm_draft_tokens_total[1m]))
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics as rm
+
+from cluster.metric_names import COUNTERS, GAUGES, HISTOGRAMS, LABELS
+from workers.stats import EngineStats, Observations
+
+_BUCKETS = {
+    "idlm_time_to_first_token_seconds": [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+    "idlm_inter_token_latency_seconds": [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+    "idlm_e2e_request_latency_seconds": [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300],
+    "idlm_request_tokens_per_forward": [1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6, 8, 12, 16],
+    "idlm_step_duration_seconds": [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+}
+_OBS_FIELD = {
+    "idlm_time_to_first_token_seconds": "time_to_first_token",
+    "idlm_inter_token_latency_seconds": "inter_token_latency",
+    "idlm_e2e_request_latency_seconds": "e2e_request_latency",
+    "idlm_request_tokens_per_forward": "request_tokens_per_forward",
+    "idlm_step_duration_seconds": "step_duration",
+}
+
+
+class EngineMetricsExporter:
+    def __init__(self, model: str, mode: str, stride: int, replica: str) -> None:
+        self.tags = {"model": model, "mode": mode, "stride": str(stride), "replica": replica}
+        extra = {"idlm_accepted_tokens_per_pos": ("position",), "idlm_rounds": ("kind",), "idlm_requests": ("finish_reason",)}
+        self.counters = {n: rm.Counter(n, d, tag_keys=LABELS + extra.get(n, ())) for n, d in COUNTERS.items()}
+        self.gauges = {n: rm.Gauge(n, d, tag_keys=LABELS) for n, d in GAUGES.items()}
+        self.hists = {n: rm.Histogram(n, d, boundaries=_BUCKETS[n], tag_keys=LABELS) for n, d in HISTOGRAMS.items()}
+        self.prev = EngineStats()
+        # Make every series exist from the start (a scrape finds every name before traffic).
+        for c in self.counters.values():
+            c.inc(0.0, tags=self._tags_for(c))
+        for k in ("cold", "verify_accept", "verify_reject"):
+            self.counters["idlm_rounds"].inc(0.0, tags={**self.tags, "kind": k})
+        for k in ("stop", "length", "abort"):
+            self.counters["idlm_requests"].inc(0.0, tags={**self.tags, "finish_reason": k})
+        for g in self.gauges.values():
+            g.set(0.0, tags=self.tags)
+
+    def _tags_for(self, c) -> dict:
+        keys = c._tag_keys if hasattr(c, "_tag_keys") else LABELS
+        t = dict(self.tags)
+        if "position" in keys:
+            t["position"] = "0"
+        if "kind" in keys:
+            t["kind"] = "cold"
+        if "finish_reason" in keys:
+            t["finish_reason"] = "stop"
+        return t
+
+    def update(self, st: EngineStats, obs: Observations) -> None:
+        p, c, t = self.prev, self.counters, self.tags
+        for name, field in (
+            ("idlm_prompt_tokens", "prompt_tokens"),
+            ("idlm_generation_tokens", "generation_tokens"),
+            ("idlm_decode_forwards", "decode_forwards"),
+            ("idlm_draft_tokens", "draft_tokens"),
+            ("idlm_accepted_tokens", "accepted_tokens"),
+        ):
+            d = getattr(st, field) - getattr(p, field)
+            if d > 0:
+                c[name].inc(d, tags=t)
+        for i, v in enumerate(st.accepted_per_pos):
+            d = v - (p.accepted_per_pos[i] if i < len(p.accepted_per_pos) else 0)
+            if d > 0:
+                c["idlm_accepted_tokens_per_pos"].inc(d, tags={**t, "position": str(i)})
+        for k, v in st.rounds.items():
+            if v - p.rounds.get(k, 0) > 0:
+                c["idlm_rounds"].inc(v - p.rounds.get(k, 0), tags={**t, "kind": k})
+        for k, v in st.requests.items():
+            if v - p.requests.get(k, 0) > 0:
+                c["idlm_requests"].inc(v - p.requests.get(k, 0), tags={**t, "finish_reason": k})
+        self.gauges["idlm_num_requests_running"].set(st.num_running, tags=t)
+        self.gauges["idlm_num_requests_waiting"].set(st.num_waiting, tags=t)
+        self.gauges["idlm_kv_cache_usage_ratio"].set(st.kv_cache_usage, tags=t)
+        for name, field in _OBS_FIELD.items():
+            for v in getattr(obs, field):
+                self.hists[name].observe(v, tags=t)
+        self.prev = st
