@@ -7,7 +7,6 @@ Serve backpressure / replica failures to 503 with Retry-After. Generation itself
 replicas, reached through a streaming deployment handle (Ray Serve balances across them).
 """
 
-from __future__ import annotations
 
 import json
 import time

@@ -41,26 +41,10 @@ class EngineMetricsExporter:
         self.gauges = {n: rm.Gauge(n, d, tag_keys=LABELS) for n, d in GAUGES.items()}
         self.hists = {n: rm.Histogram(n, d, boundaries=_BUCKETS[n], tag_keys=LABELS) for n, d in HISTOGRAMS.items()}
         self.prev = EngineStats()
-        # Make every series exist from the start (a scrape finds every name before traffic).
-        for c in self.counters.values():
-            c.inc(0.0, tags=self._tags_for(c))
-        for k in ("cold", "verify_accept", "verify_reject"):
-            self.counters["idlm_rounds"].inc(0.0, tags={**self.tags, "kind": k})
-        for k in ("stop", "length", "abort"):
-            self.counters["idlm_requests"].inc(0.0, tags={**self.tags, "finish_reason": k})
+        # Gauges exist from the start; Ray counters only accept positive increments, so a counter
+        # series appears with its first event.
         for g in self.gauges.values():
             g.set(0.0, tags=self.tags)
-
-    def _tags_for(self, c) -> dict:
-        keys = c._tag_keys if hasattr(c, "_tag_keys") else LABELS
-        t = dict(self.tags)
-        if "position" in keys:
-            t["position"] = "0"
-        if "kind" in keys:
-            t["kind"] = "cold"
-        if "finish_reason" in keys:
-            t["finish_reason"] = "stop"
-        return t
 
     def update(self, st: EngineStats, obs: Observations) -> None:
         p, c, t = self.prev, self.counters, self.tags

@@ -1,0 +1,198 @@
+"""End to end: a real local Ray cluster serving SmolLM2 on 2 engine replicas behind the OpenAI
+ingress, driven over real HTTP by the official `openai` client (no mocks of Ray, HTTP or model)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+
+import httpx
+import pytest
+import requests
+from openai import OpenAI
+
+from cluster.metric_names import exported_names
+from tests.cluster.support import RayServe, metric_sum, parse_metrics, wait_for
+from workers import LLM, SamplingParams
+
+MODEL = "smollm2"
+ARGS = {
+    "model": MODEL,
+    "mode": "isd",
+    "stride": 4,
+    "engine": {"max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 16384, "max_model_len": 2048},
+    "replica": {"num_replicas": 2, "num_cpus": 1, "max_ongoing_requests": 64, "max_queued_requests": 128},
+}
+Q = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    rs = RayServe().start()
+    try:
+        base = rs.deploy(ARGS, "idlm", "/")
+        yield rs, base
+    finally:
+        rs.stop()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return OpenAI(base_url=f"{cluster[1]}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _chat(client, content=Q, **kw):
+    kw.setdefault("max_tokens", 24)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_chat_and_completions_streamed_and_not(client):
+    r = _chat(client)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    parts, usage = [], None
+    for ch in _chat(client, stream=True, stream_options={"include_usage": True}):
+        if ch.choices:
+            parts.append(ch.choices[0].delta.content or "")
+        if ch.usage:
+            usage = ch.usage
+    assert "".join(parts) == r.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == r.usage.completion_tokens
+    c = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert c.choices[0].text and c.usage.completion_tokens <= 8
+    streamed = "".join(x.choices[0].text for x in client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0, stream=True) if x.choices)
+    assert streamed == c.choices[0].text
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 9])
+def test_max_tokens_length_exactly_k(client, k):
+    r = _chat(client, "Write a long story about a dragon.", max_tokens=k)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == k
+
+
+def test_greedy_http_equals_offline_and_stop_strings(client):
+    offline = LLM(MODEL, mode="isd", stride=4)
+    prompts = ["Name three colors.", "Explain gravity in one sentence.", "What is 2 plus 2?"]
+    for p in prompts:
+        ids = offline.encode_chat([{"role": "user", "content": p}])
+        ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=24))[0]
+        r = _chat(client, p, max_tokens=24)
+        assert r.choices[0].message.content == ref.text
+        words = ref.text.split()
+        if len(words) > 3:
+            stop = words[len(words) // 2]
+            r2 = _chat(client, p, max_tokens=24, stop=[stop])
+            assert r2.choices[0].finish_reason == "stop"
+            assert r2.choices[0].message.content == ref.text[: ref.text.index(stop)]
+            chunks = "".join(c.choices[0].delta.content or "" for c in _chat(client, p, max_tokens=24, stop=[stop], stream=True) if c.choices)
+            assert chunks == r2.choices[0].message.content and stop not in chunks
+
+
+def test_32_concurrent_requests_both_replicas(cluster):
+    base = cluster[1]
+
+    def one(i):
+        r = requests.post(f"{base}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": f"Count to {i % 5 + 2}."}],
+            "max_tokens": 8, "temperature": 0.7, "seed": i}, timeout=300)
+        return r.status_code, r.headers.get("x-idlm-replica"), r.json()
+
+    with cf.ThreadPoolExecutor(32) as ex:
+        res = list(ex.map(one, range(32)))
+    assert all(s == 200 for s, _, _ in res), [b for s, _, b in res if s != 200][:2]
+    assert len({rep for _, rep, _ in res}) == 2, "both replicas should have served requests"
+
+
+BAD = [
+    ("malformed json", "{not json", 400),
+    ("missing messages", {"model": MODEL}, 400),
+    ("wrong type", {"model": MODEL, "messages": "hi"}, 400),
+    ("wrong type max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}, 400),
+    ("negative max_tokens", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400),
+    ("temperature > 2", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 2.5}, 400),
+    ("top_p > 1", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("n > 1", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400),
+    ("logprobs", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400),
+    ("unknown parameter", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "best_of": 3}, 400),
+    ("bad role", {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+    ("prompt over context", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400),
+    ("max_tokens over context", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400),
+    ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_200_000}]}, 413),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_matrix(cluster, name, body, status):
+    base = cluster[1]
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = requests.post(f"{base}/v1/chat/completions", data=data, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    # the server still answers a good request
+    ok = requests.post(f"{base}/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, timeout=120)
+    assert ok.status_code == 200
+
+
+def test_no_replica_restarted(cluster):
+    from ray import serve
+
+    st = serve.status().applications["idlm"].deployments["EngineReplica"]
+    assert st.status == "HEALTHY"
+    assert st.replica_states.get("RUNNING") == 2
+
+
+def test_stream_close_aborts_request(cluster):
+    rs, base = cluster
+    with httpx.Client(timeout=60) as h:
+        with h.stream("POST", f"{base}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about oceans."}],
+            "max_tokens": 1500, "temperature": 0, "ignore_eos": True, "stream": True}) as resp:
+            assert resp.status_code == 200
+            n = 0
+            for line in resp.iter_lines():
+                if line.startswith("data:"):
+                    n += 1
+                if n >= 3:
+                    break  # client goes away mid-stream
+    def idle():
+        m = parse_metrics(rs.scrape())
+        running = metric_sum(m, "ray_idlm_num_requests_running", MODEL)
+        kv = metric_sum(m, "ray_idlm_kv_cache_usage_ratio", MODEL)
+        aborted = metric_sum(m, "ray_idlm_requests_total", MODEL, finish_reason="abort")
+        return running == 0 and kv == 0 and aborted >= 1
+    assert wait_for(idle, timeout=90), "replica should abort the request and free its KV"
+
+
+def test_metrics_names_and_tpf(cluster, client):
+    rs, base = cluster
+    before = parse_metrics(rs.scrape())
+    gen0 = metric_sum(before, "ray_idlm_generation_tokens_total", MODEL)
+    fwd0 = metric_sum(before, "ray_idlm_decode_forwards_total", MODEL)
+    toks = fwds = 0
+    for q in ["Name a fruit.", "Say hello in French.", "What color is the sky?", "Give me a number."]:
+        r = requests.post(f"{base}/v1/chat/completions", json={
+            "model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": 16, "temperature": 0}, timeout=120).json()
+        toks += r["usage"]["completion_tokens"]
+        fwds += r["idlm"]["num_forwards"]
+
+    def settled():
+        m = parse_metrics(rs.scrape())
+        dg = metric_sum(m, "ray_idlm_generation_tokens_total", MODEL) - gen0
+        df = metric_sum(m, "ray_idlm_decode_forwards_total", MODEL) - fwd0
+        return m if (dg, df) == (toks, fwds) else None
+
+    m = wait_for(settled, timeout=90)
+    assert m, "counters should match the engine's own per-request stats"
+    names = set(m)
+    missing = [n for n in exported_names() if n not in names]
+    assert not missing, missing
+    for n in exported_names():
+        labels = m[n][0][0]
+        assert {"model", "mode", "stride", "replica"} <= labels.keys()
