@@ -196,3 +196,26 @@ def test_metrics_names_and_tpf(cluster, client):
     for n in exported_names():
         labels = m[n][0][0]
         assert {"model", "mode", "stride", "replica"} <= labels.keys()
+
+
+def test_backpressure_503_with_retry_after(cluster):
+    rs, _ = cluster
+    tiny = {**ARGS, "mode": "ar", "served_model_name": "tiny",
+            "replica": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1}}
+    base = rs.deploy(tiny, "tiny", "/tiny")
+
+    def one(i):
+        r = requests.post(f"{base}/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 24, "temperature": 0, "ignore_eos": True}, timeout=300)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with cf.ThreadPoolExecutor(12) as ex:
+        res = list(ex.map(one, range(12)))
+    rejected = [r for r in res if r[0] in (429, 503)]
+    accepted = [r for r in res if r[0] == 200]
+    assert rejected and accepted, [r[0] for r in res]
+    assert all(ra is not None for _, ra, _ in rejected)
+    assert all(b["error"]["message"] for _, _, b in rejected)
+    assert all(b["usage"]["completion_tokens"] == 24 for _, _, b in accepted)
+    assert len(rejected) + len(accepted) == len(res)
