@@ -18,6 +18,7 @@ from tests.tiny import tiny_loaded
 from workers import LLM, SamplingParams
 
 P_MIN = 1e-3  # fixed seeds: deterministic, this only guards against a real bias
+N_E2E = 3000  # end-to-end samples (the Triton-forced variant uses fewer: the interpreter is slow)
 
 
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
@@ -87,11 +88,11 @@ def _exact_ar_joint(model, prompt, params: SamplingParams, V: int, depth: int = 
 
 
 @pytest.mark.parametrize("T,top_k,top_p", [(1.0, -1, 1.0), (0.8, 5, 1.0), (1.0, -1, 0.8)])
-def test_isd_end_to_end_matches_exact_ar_law(T, top_k, top_p):
+def test_isd_end_to_end_matches_exact_ar_law(T, top_k, top_p, check_ar=None):
     V = 10  # the MASK token is V - 1 and the model may emit it like any other token
     loaded = tiny_loaded("qwen3", vocab_size=V, seed=21, std=0.25, lora_rank=0)
     prompt = [1, 4, 2, 7]
-    n = 3000
+    n = N_E2E
     params = [SamplingParams(temperature=T, top_k=top_k, top_p=top_p, max_tokens=4, ignore_eos=True, seed=s) for s in range(n)]
     exact = _exact_ar_joint(loaded.model, prompt, params[0], V)
     llm = LLM(loaded=loaded, mode="isd", stride=4, max_num_seqs=512, max_num_batched_tokens=4096, kv_cache_tokens=65536)
@@ -101,6 +102,10 @@ def test_isd_end_to_end_matches_exact_ar_law(T, top_k, top_p):
     idx = torch.tensor([o.token_ids[0] * V * V + o.token_ids[1] * V + o.token_ids[2] for o in outs])
     counts = torch.bincount(idx, minlength=V**3).float()
     assert _chi2(counts, exact.float()) > P_MIN
+    if check_ar is None:
+        check_ar = (T, top_k, top_p) == (1.0, -1, 1.0)
+    if not check_ar:
+        return
     # and AR sampling through the same engine agrees with the same law (sanity of the oracle)
     ar = LLM(loaded=loaded, mode="ar", max_num_seqs=512, max_num_batched_tokens=4096, kv_cache_tokens=65536)
     outs_ar = ar.generate([prompt] * n, [SamplingParams(**{**p.__dict__, "seed": 10**6 + i}) for i, p in enumerate(params)])
