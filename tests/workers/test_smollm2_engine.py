@@ -46,7 +46,7 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
     prompts = smol[4]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar").generate(prompts, params)]
-    for N in (2, 4):
+    for N in (2, 3, 4, 8):
         isd = LLM(loaded=_loaded(smol, False), mode="isd", stride=N)
         assert [o.token_ids for o in isd.generate(prompts, params)] == ar, f"isd N={N} batched"
         assert isd.generate([prompts[0]], params)[0].token_ids == ar[0], f"isd N={N} alone"
