@@ -70,10 +70,11 @@ def main() -> int:
     rows = []
     for B, K in ((32, 3), (256, 7)):
         for T in (0.0, 1.0):
-            target, draft, d, ks, meta = _case(B, K, T, "cuda")
+            case = _case(B, K, T, "cuda")
+            target, draft = case[0], case[1]
             read = target.numel() * 2 + (draft.numel() * 2 if T > 0 else 0)
-            t_tri = _time(lambda: verify_triton(target, draft, d, ks, meta), args.repeats)
-            t_ref = _time(lambda: verify_ref(target, draft, d, ks, meta), max(3, args.repeats // 4))
+            t_tri = _time(lambda c=case: verify_triton(*c), args.repeats)
+            t_ref = _time(lambda c=case: verify_ref(*c), max(3, args.repeats // 4))
             med_tri, med_ref = statistics.median(t_tri), statistics.median(t_ref)
             rows.append({
                 "requests": B, "drafts": K, "temperature": T,

@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from kernels import SamplingMetadata, processed_probs
-from kernels.acceptance import verify_triton, sample_triton
+from kernels.acceptance import sample_triton, verify_triton
 from kernels.acceptance_ref import PLACEHOLDER, sample_ref, verify_ref
 from kernels.rng import request_key
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from tests.tiny import random_prompts, tiny_loaded
-from workers import AsyncEngine, EngineConfig, LLM, SamplingParams
+from workers import LLM, AsyncEngine, EngineConfig, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
