@@ -47,8 +47,11 @@ def row_hash(key: torch.Tensor, step: torch.Tensor, stream_word: torch.Tensor) -
 
 
 def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
-    """uint32 hash -> float32 uniform strictly inside (0, 1) (24 random bits, centred)."""
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """uint32 hash -> float32 uniform strictly inside (0, 1): 23 random bits, centred, so every value
+    (2k + 1) / 2^24 is exact in float32 and lies in [2^-24, 1 - 2^-24].
+    NOTE: 24 bits are one too many: (2^24 - 1) + 0.5 rounds up to 2^24 in float32, giving u = 1,
+    E = -log u = 0, and a race score w / E of inf (or NaN, which argmax picks, for w = 0)."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def row_uniforms(base: torch.Tensor, vocab_size: int) -> torch.Tensor:

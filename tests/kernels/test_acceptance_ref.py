@@ -155,3 +155,16 @@ def test_truncation_threshold_gives_the_kept_set(top_k, top_p):
     assert bool((probs[kept] > 0).all())  # no underflow at these scales
     if top_k < 0 and top_p >= 1:
         assert bool(torch.isinf(thr).all())
+
+
+def test_uniforms_are_strictly_inside_the_unit_interval():
+    """The extreme hashes give 0 < u < 1, so E = -log u is finite and positive and a race score
+    w / E is never inf or NaN (NaN would make argmax pick a zero-weight token)."""
+    h = torch.tensor([0, 1, 0x1FF, 0xFFFFFE00, 0xFFFFFFFF])
+    u = rng.uniform_from_hash(h)
+    assert bool(((u > 0) & (u < 1)).all())
+    e = -torch.log(u)
+    assert bool((e > 0).all() & torch.isfinite(e).all())
+    w = torch.zeros(1, 5)
+    w[0, 2] = 1.0
+    assert int((w / e).argmax()) == 2
