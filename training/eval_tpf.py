@@ -1,0 +1,67 @@
+"""R-ISD evaluation on the held-out prompts (greedy, our engine):
+
+    python -m training.eval_tpf --model smollm2 --adapter workers/adapters/smollm2-risd --stride 4
+
+Prints TPF, per-position acceptance and rounds by kind, and checks that the R-ISD greedy text equals
+the AR greedy text (the stored held-out responses were produced by the engine in mode="ar" with the
+same max_tokens; --recompute-ar regenerates them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--adapter", default="workers/adapters/smollm2-risd")
+    ap.add_argument("--stride", type=int, nargs="+", default=[4])
+    ap.add_argument("--data", default="training/data/smollm2")
+    ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--recompute-ar", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args(argv)
+    import torch
+
+    from workers import LLM, SamplingParams
+
+    torch.set_num_threads(a.threads)
+    rows = [json.loads(x) for x in open(Path(a.data) / "heldout.jsonl")]
+    meta = json.loads((Path(a.data) / "meta.json").read_text())
+    if a.limit:
+        rows = rows[: a.limit]
+    prompts = [r["prompt_ids"] for r in rows]
+    sp = SamplingParams(temperature=0, max_tokens=meta["max_tokens"], ignore_eos=False)
+    ref = [r["response_ids"] for r in rows]
+    if a.recompute_ar:
+        ar = LLM(a.model, mode="ar")
+        ref = [list(o.token_ids) for o in ar.generate(prompts, sp)]
+    report = {}
+    for n in a.stride:
+        llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter)
+        t0 = time.time()
+        outs = []
+        for i in range(0, len(prompts), a.batch):
+            outs += llm.generate(prompts[i : i + a.batch], sp)
+        dt = time.time() - t0
+        st = llm.stats()
+        same = sum(list(o.token_ids) == r for o, r in zip(outs, ref))
+        acc = [round(x / d, 3) if d else None for x, d in zip(st.accepted_per_pos, st.drafts_per_pos)]
+        rep = {"stride": n, "prompts": len(prompts), "tokens": st.generation_tokens, "forwards": st.decode_forwards,
+               "tpf": round(st.tokens_per_forward, 3), "acceptance_rate": round(st.acceptance_rate, 3),
+               "accept_per_pos": acc, "rounds": dict(st.rounds), "identical_to_ar": f"{same}/{len(prompts)}",
+               "seconds": round(dt, 1)}
+        print(json.dumps(rep), flush=True)
+        report[n] = rep
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Training CLI.
+
+    python -m training.train --objective gated-lora|idlm --model smollm2 --stride 4 \
+        --steps 400 --out runs/smollm2-risd [--resume] [--export workers/adapters/smollm2-risd]
+
+Checkpoints (trainable params + optimizer + step + rng) go to OUT/ckpt.pt every --ckpt-every
+seconds; the gated-LoRA adapter is saved in PEFT format (loader.save_adapter) to OUT/adapter and
+to --export if given. Runs on CPU (torch.set_num_threads(--threads)) or CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def load_rows(path: Path) -> list[tuple[list[int], int]]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append((r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"])))
+    return rows
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--objective", choices=["gated-lora", "idlm"], default="gated-lora")
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--data", default="training/data/smollm2")
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--group", type=int, default=7, help="MASK rows per cut (gated-lora); 7 covers N<=8")
+    ap.add_argument("--cuts", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32.0)
+    ap.add_argument("--decay", type=float, default=0.8)
+    ap.add_argument("--out", default="runs/smollm2-risd")
+    ap.add_argument("--export", default="")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    from workers.aliases import default_mask_token_id
+    from workers.loader import load_model, resolve_model, save_adapter
+
+    model_dir = resolve_model(a.model)
+    model, cfg = load_model(model_dir, device=a.device)
+    mask_id = default_mask_token_id(a.model, cfg)
+    train_file = Path(a.data) / "train.jsonl"
+    while not (train_file.exists() and train_file.stat().st_size > 0):  # data builder still running
+        time.sleep(5)
+    rows = load_rows(train_file)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if a.objective == "gated-lora":
+        from training import gated_lora as obj
+
+        params = obj.prepare_model(model, a.rank, a.alpha)
+    else:
+        from training import idlm_objective as obj
+
+        params = obj.prepare_model(model)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(a.steps, 1))
+    )
+    step, rng = 0, random.Random(0)
+    ck = out / "ckpt.pt"
+    if a.resume and ck.exists():
+        st = torch.load(ck, map_location=a.device, weights_only=False)
+        named = dict(model.named_parameters())
+        for n, t in st["params"].items():
+            named[n].data.copy_(t)
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        step = st["step"]
+        rng.setstate(st["rng"])
+        print(f"resumed at step {step}")
+
+    def save():
+        trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        torch.save({"params": trainable, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    "step": step, "rng": rng.getstate(), "args": vars(a)}, str(ck) + ".tmp")
+        Path(str(ck) + ".tmp").replace(ck)
+        if a.objective == "gated-lora":
+            for d in [out / "adapter"] + ([Path(a.export)] if a.export else []):
+                save_adapter(model, d, mask_id, stride=a.stride, base_model_name_or_path=a.model,
+                             extra={"train_steps": step, "group": a.group})
+
+    last, t0 = time.time(), time.time()
+    bar = tqdm(total=a.steps, initial=step, desc=a.objective)
+    log = open(out / "log.jsonl", "a")
+    while step < a.steps:
+        if step % 10 == 0:  # the data builder writes the train split batch by batch
+            rows = load_rows(train_file) or rows
+        ex = [rows[rng.randrange(len(rows))] for _ in range(a.batch)]
+        if a.objective == "gated-lora":
+            batch = obj.collate(ex, a.group, mask_id, a.cuts, rng)
+            batch = tuple(t.to(a.device) for t in batch)
+            loss, stats = obj.loss_fn(model, batch, a.group, a.decay)
+        else:
+            batch = obj.collate(ex, a.stride, mask_id)
+            batch = tuple(t.to(a.device) for t in batch)
+            loss, stats = obj.loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        stats = {"step": step, "loss": round(loss.item(), 4), **{k: round(v, 3) for k, v in stats.items()},
+                 "elapsed_s": round(time.time() - t0, 1)}
+        log.write(json.dumps(stats) + "\n")
+        log.flush()
+        bar.set_postfix({k: v for k, v in stats.items() if k != "step"})
+        bar.update(1)
+        if time.time() - last > a.ckpt_every:
+            save()
+            last = time.time()
+    save()
+    bar.close()
+    print(json.dumps({"done": step, "seconds": round(time.time() - t0, 1)}))
+
+
+if __name__ == "__main__":
+    main()
