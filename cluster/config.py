@@ -1,32 +1,47 @@
 """Serve application configuration: the `args` of `cluster.app:build_app`, validated by pydantic.
 
-Owns: `AppConfig` (model, decoding mode, engine limits, replica deployment options, API key) with
-`extra="forbid"` everywhere, so a misspelt or unsupported field fails at start with a message
-naming it. The helm chart's `serveConfigV2` is validated with this same model in tests.
+Owns: `AppConfig` (model source, decoding mode, engine limits, replica / ingress deployment options,
+API key) with `extra="forbid"` at every level, so a misspelt or unsupported field fails at start
+with a message naming it. `AppConfig.model_validate(args)` is the one validation entry point: the
+app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all go through it.
+
+    model: smollm2            # alias, HF directory, .gguf, or hub id in the local HF cache
+    served_model_name: null   # the `model` clients send; default: `model`
+    mode: isd                 # ar | isd | risd
+    stride: 4
+    max_num_seqs: 32          # engine limits (workers.EngineConfig)
+    replica:
+      num_replicas: 2         # or autoscaling_config: {min_replicas, max_replicas, target_ongoing_requests}
+      max_ongoing_requests: 32
+      max_queued_requests: 64
+      ray_actor_options: {num_cpus: 1, num_gpus: 0}
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workers.config import EngineConfig
+
+__all__ = ["AppConfig", "AutoscalingConfig", "IngressOptions", "ReplicaOptions", "ActorOptions", "ValidationError"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class EngineLimits(_Strict):
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=2)
-    kv_cache_tokens: int = Field(65536, ge=16)
-    kv_block_size: int = Field(16, ge=1)
-    max_model_len: int | None = Field(None, ge=2)
+class ActorOptions(_Strict):
+    """Resources of one deployment replica (Ray actor)."""
+
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
 
 
 class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling (the subset we support; names as in `serve.config.AutoscalingConfig`)."""
+
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     initial_replicas: int | None = Field(None, ge=0)
@@ -40,69 +55,100 @@ class AutoscalingConfig(_Strict):
     def _bounds(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError("initial_replicas must lie in [min_replicas, max_replicas]")
         return self
 
 
 class ReplicaOptions(_Strict):
-    num_replicas: int | None = Field(1, ge=1)
+    """Options of the engine replica deployment. `num_replicas` and `autoscaling_config` exclude
+    each other; `max_queued_requests` bounds the queue (-1 would make it unbounded, so it is refused)."""
+
+    num_replicas: int | None = Field(None, ge=1)
     autoscaling_config: AutoscalingConfig | None = None
     max_ongoing_requests: int = Field(32, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
+    max_queued_requests: int = Field(64, ge=0)
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
 
     @model_validator(mode="after")
     def _one_of(self) -> ReplicaOptions:
-        if self.autoscaling_config is not None:
-            self.num_replicas = None
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
         return self
 
     def deployment_options(self) -> dict:
         opts: dict = {
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": self.ray_actor_options.model_dump(),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
         else:
-            opts["num_replicas"] = self.num_replicas
+            opts["num_replicas"] = self.num_replicas or 1
         return opts
 
 
 class IngressOptions(_Strict):
+    """Options of the HTTP ingress deployment (cheap: validation, templating, tokenization)."""
+
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(256, ge=1)
-    max_queued_requests: int = Field(512, ge=-1)
-    num_cpus: float = Field(0.1, ge=0)
+    max_queued_requests: int = Field(512, ge=0)
+    ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.1))
+
+    def deployment_options(self) -> dict:
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": self.ray_actor_options.model_dump(),
+        }
 
 
 class AppConfig(_Strict):
+    """The `args` of the Serve application (deploy/*.yaml, helm serveConfigV2)."""
+
+    # what is served
     model: str = "smollm2"
     served_model_name: str | None = None
     mode: Literal["ar", "isd", "risd"] = "isd"
     stride: int = Field(4, ge=1, le=16)
     adapter: str | None = None
-    mask_token_id: int | None = None
+    mask_token_id: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0
-    engine: EngineLimits = Field(default_factory=EngineLimits)
-    api_key: str | None = None
+    # engine limits
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=2)
+    kv_cache_tokens: int = Field(65536, ge=1)
+    kv_block_size: int = Field(16, ge=1)
+    max_model_len: int | None = Field(None, ge=2)
+    # HTTP
+    api_key: str | None = Field(None, min_length=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
+    # deployments
     replica: ReplicaOptions = Field(default_factory=ReplicaOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+
+    @model_validator(mode="after")
+    def _engine_valid(self) -> AppConfig:
+        # EngineConfig's own checks (e.g. max_num_batched_tokens >= 2*stride) name the field too.
+        self.to_engine_config()
+        return self
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
     def to_engine_config(self) -> EngineConfig:
-        e = self.engine
         return EngineConfig(
             model=self.model,
             mode=self.mode,
@@ -111,10 +157,10 @@ class AppConfig(_Strict):
             mask_token_id=self.mask_token_id,
             dtype=self.dtype,
             device=self.device,
-            kv_block_size=e.kv_block_size,
-            kv_cache_tokens=e.kv_cache_tokens,
-            max_num_seqs=e.max_num_seqs,
-            max_num_batched_tokens=e.max_num_batched_tokens,
-            max_model_len=e.max_model_len,
+            kv_block_size=self.kv_block_size,
+            kv_cache_tokens=self.kv_cache_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
             seed=self.seed,
         )

@@ -126,7 +126,7 @@ class OpenAIIngress:
         model_dir = resolve_model(self.cfg.model)
         self.tokenizer = load_tokenizer(model_dir)
         mcfg = ModelConfig.from_hf(json.loads(open(f"{model_dir}/config.json").read()))
-        limit = self.cfg.engine.max_model_len or mcfg.max_position_embeddings
+        limit = self.cfg.max_model_len or mcfg.max_position_embeddings
         self.max_model_len = min(limit, mcfg.max_position_embeddings)
         self.created = int(time.time())
 
@@ -226,7 +226,10 @@ class OpenAIIngress:
         except Exception as e:
             raise APIError(400, f"messages: cannot apply the chat template: {e}", "messages") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        params = self._params(body, len(ids), body.max_completion_tokens or body.max_tokens)
+        if body.top_logprobs is not None:
+            raise APIError(400, "top_logprobs: not supported", "top_logprobs")
+        mt = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = self._params(body, len(ids), mt)
         return await self._run(body, ids, params, chat=True)
 
     @app.post("/v1/completions")

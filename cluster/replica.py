@@ -81,8 +81,12 @@ class EngineReplica:
             "requests": dict(st.requests),
         }
 
-    def check_health(self) -> None:
-        self.engine.check_health()
+    async def check_health(self) -> None:
+        """Called periodically by the Serve controller: raising marks the replica unhealthy and
+        Serve replaces it. Healthy means the engine's step thread is alive and has not failed."""
+        self._ensure_exporter()
+        if not self.engine.is_healthy():
+            self.engine.check_health()  # raises EngineDeadError with the step loop's failure
 
     def __del__(self) -> None:
         try:

@@ -1,10 +1,24 @@
-"""Fixtures for cluster tests: a real local Ray cluster with Serve bound to 127.0.0.1, and a
-Prometheus-text scraper for Ray's metrics endpoint. Everything started here is stopped here."""
+"""Reusable fixtures for cluster tests (and the dashboards' tests): a real local Ray cluster with
+Serve bound to 127.0.0.1 and a known metrics port (`RayServe`), a Prometheus-text parser for Ray's
+metrics endpoint, and a real Prometheus server scraping it (`PrometheusServer`, Debian package
+`prometheus`). Everything started here is stopped here, by PID / by the handle that started it.
+
+    rs = RayServe(num_cpus=8).start()          # ray.init(address="local") + serve.start on 127.0.0.1
+    base = rs.deploy(ARGS, "idlm", "/")        # -> "http://127.0.0.1:<port>"
+    prom = PrometheusServer([rs.metrics_target]).start()
+    prom.query('sum(rate(ray_idlm_generation_tokens_total[1m]))')
+    prom.stop(); rs.stop()
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
 import socket
+import subprocess
+import tempfile
 import time
 from collections import defaultdict
 
@@ -18,16 +32,22 @@ def free_port() -> int:
 
 
 class RayServe:
-    def __init__(self) -> None:
+    def __init__(self, num_cpus: int = 8) -> None:
+        self.num_cpus = num_cpus
         self.http_port = free_port()
         self.metrics_port = free_port()
+
+    @property
+    def metrics_target(self) -> str:
+        return f"127.0.0.1:{self.metrics_port}"
 
     def start(self) -> RayServe:
         import ray
         from ray import serve
 
-        ray.init(num_cpus=8, include_dashboard=False, _metrics_export_port=self.metrics_port,
-                 log_to_driver=False, _node_ip_address="127.0.0.1")
+        # address="local": always a fresh cluster owned by this process, never someone else's.
+        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False,
+                 _metrics_export_port=self.metrics_port, log_to_driver=False, _node_ip_address="127.0.0.1")
         serve.start(http_options={"host": "127.0.0.1", "port": self.http_port})
         return self
 
@@ -86,3 +106,78 @@ def wait_for(pred, timeout: float = 60.0, interval: float = 0.5):
             return last
         time.sleep(interval)
     return last
+
+
+class PrometheusServer:
+    """A real Prometheus (Debian package `prometheus`) on 127.0.0.1 scraping `targets` every
+    `interval_s`, storing into a temp dir. `apt-get install -y prometheus` if the binary is missing."""
+
+    def __init__(self, targets: list[str], interval_s: float = 1.0) -> None:
+        self.targets, self.interval_s = targets, interval_s
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.dir: str | None = None
+
+    @staticmethod
+    def binary() -> str:
+        exe = shutil.which("prometheus")
+        if exe is None:
+            subprocess.run(["apt-get", "install", "-y", "prometheus"], check=True, capture_output=True, timeout=600)
+            exe = shutil.which("prometheus")
+        if exe is None:
+            raise RuntimeError("prometheus binary not found after apt-get install -y prometheus")
+        return exe
+
+    def start(self, timeout: float = 60.0) -> PrometheusServer:
+        exe = self.binary()
+        self.dir = tempfile.mkdtemp(prefix="idlm-prom-")
+        cfg = os.path.join(self.dir, "prometheus.yml")
+        with open(cfg, "w") as f:
+            f.write(
+                f"global:\n  scrape_interval: {self.interval_s}s\n  evaluation_interval: {self.interval_s}s\n"
+                "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
+                f"      - targets: {json.dumps(self.targets)}\n"
+            )
+        self.log = open(os.path.join(self.dir, "prometheus.log"), "w")
+        self.proc = subprocess.Popen(
+            [exe, f"--config.file={cfg}", f"--storage.tsdb.path={self.dir}/data",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        ready = wait_for(lambda: self._ready(), timeout=timeout)
+        if not ready:
+            self.stop()
+            raise RuntimeError("prometheus did not become ready")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {self.proc.returncode}")
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def query(self, promql: str) -> list[dict]:
+        r = requests.get(f"http://127.0.0.1:{self.port}/api/v1/query", params={"query": promql}, timeout=10)
+        r.raise_for_status()
+        return r.json()["data"]["result"]
+
+    def scalar(self, promql: str) -> float | None:
+        res = self.query(promql)
+        return float(res[0]["value"][1]) if res else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # by the PID we started
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+        if getattr(self, "log", None):
+            self.log.close()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

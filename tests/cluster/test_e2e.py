@@ -20,10 +20,12 @@ ARGS = {
     "model": MODEL,
     "mode": "isd",
     "stride": 4,
-    "engine": {"max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 16384, "max_model_len": 2048},
-    "replica": {"num_replicas": 2, "num_cpus": 1, "max_ongoing_requests": 64, "max_queued_requests": 128},
+    "max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 16384, "max_model_len": 2048,
+    "replica": {"num_replicas": 2, "max_ongoing_requests": 64, "max_queued_requests": 128,
+                "ray_actor_options": {"num_cpus": 1}},
 }
 Q = "What is the capital of France?"
+SEEN_REPLICAS: set[str] = set()  # replica ids seen by the concurrency test; must survive the bad inputs
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +106,9 @@ def test_32_concurrent_requests_both_replicas(cluster):
     with cf.ThreadPoolExecutor(32) as ex:
         res = list(ex.map(one, range(32)))
     assert all(s == 200 for s, _, _ in res), [b for s, _, b in res if s != 200][:2]
-    assert len({rep for _, rep, _ in res}) == 2, "both replicas should have served requests"
+    reps = {rep for _, rep, _ in res}
+    assert len(reps) == 2, "both replicas should have served requests"
+    SEEN_REPLICAS.update(reps)
 
 
 BAD = [
@@ -140,12 +144,43 @@ def test_bad_input_matrix(cluster, name, body, status):
     assert ok.status_code == 200
 
 
+BAD_COMPLETIONS = [
+    ("missing prompt", {"model": MODEL}, 400),
+    ("empty prompt", {"model": MODEL, "prompt": ""}, 400),
+    ("token id out of range", {"model": MODEL, "prompt": [1, 2, 10**9]}, 400),
+    ("prompt over context", {"model": MODEL, "prompt": "word " * 3000}, 400),
+    ("echo", {"model": MODEL, "prompt": "hi", "echo": True}, 400),
+    ("logprobs", {"model": MODEL, "prompt": "hi", "logprobs": 2}, 400),
+    ("unknown parameter", {"model": MODEL, "prompt": "hi", "suffix": "x"}, 400),
+    ("zero max_tokens", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400),
+    ("unknown model", {"model": "nope", "prompt": "hi"}, 404),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD_COMPLETIONS, ids=[b[0] for b in BAD_COMPLETIONS])
+def test_bad_input_completions(cluster, name, body, status):
+    r = requests.post(f"{cluster[1]}/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+
+
+def test_health_and_unknown_route(cluster):
+    base = cluster[1]
+    assert requests.get(f"{base}/health", timeout=30).status_code == 200
+    r = requests.get(f"{base}/v1/nothing-here", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
 def test_no_replica_restarted(cluster):
+    import ray
     from ray import serve
 
     st = serve.status().applications["idlm"].deployments["EngineReplica"]
     assert st.status == "HEALTHY"
     assert st.replica_states.get("RUNNING") == 2
+    assert len(SEEN_REPLICAS) == 2
+    for rid in SEEN_REPLICAS:  # the very same replica actors are still alive (a restart gets a new id)
+        ray.get_actor(f"SERVE_REPLICA::idlm#EngineReplica#{rid}", namespace="serve")
 
 
 def test_stream_close_aborts_request(cluster):
@@ -198,24 +233,42 @@ def test_metrics_names_and_tpf(cluster, client):
         assert {"model", "mode", "stride", "replica"} <= labels.keys()
 
 
-def test_backpressure_503_with_retry_after(cluster):
+def test_backpressure_and_api_key(cluster):
+    """A second app on the same cluster with tiny limits (1 ongoing + 1 queued) and an API key:
+    a flood gets 503/429 with Retry-After, every accepted request completes; no key -> 401."""
     rs, _ = cluster
-    tiny = {**ARGS, "mode": "ar", "served_model_name": "tiny",
-            "replica": {"num_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 1, "max_queued_requests": 1}}
+    tiny = {**ARGS, "mode": "ar", "served_model_name": "tiny", "api_key": "sekrit",
+            "replica": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
+                        "ray_actor_options": {"num_cpus": 0.5}}}
     base = rs.deploy(tiny, "tiny", "/tiny")
+    auth = {"authorization": "Bearer sekrit"}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
+            "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        r = requests.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+    assert requests.get(f"{base}/v1/models", timeout=60).status_code == 401
+    assert requests.get(f"{base}/v1/models", headers=auth, timeout=60).json()["data"][0]["id"] == "tiny"
+    assert requests.get(f"{base}/health", timeout=60).status_code == 200  # probes need no key
 
     def one(i):
-        r = requests.post(f"{base}/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "Tell me a story."}],
-            "max_tokens": 24, "temperature": 0, "ignore_eos": True}, timeout=300)
+        r = requests.post(f"{base}/v1/chat/completions", json=body, headers=auth, timeout=300)
         return r.status_code, r.headers.get("retry-after"), r.json()
 
     with cf.ThreadPoolExecutor(12) as ex:
         res = list(ex.map(one, range(12)))
     rejected = [r for r in res if r[0] in (429, 503)]
     accepted = [r for r in res if r[0] == 200]
+    assert len(rejected) + len(accepted) == len(res), [r[0] for r in res]
     assert rejected and accepted, [r[0] for r in res]
-    assert all(ra is not None for _, ra, _ in rejected)
-    assert all(b["error"]["message"] for _, _, b in rejected)
-    assert all(b["usage"]["completion_tokens"] == 24 for _, _, b in accepted)
-    assert len(rejected) + len(accepted) == len(res)
+    assert all(ra is not None and int(ra) >= 1 for _, ra, _ in rejected)
+    assert all(b["error"]["message"] and b["error"]["type"] for _, _, b in rejected)
+    assert all(b["usage"]["completion_tokens"] == 24 and b["choices"][0]["finish_reason"] == "length" for _, _, b in accepted)
+    serve_delete("tiny")
+
+
+def serve_delete(name: str) -> None:
+    from ray import serve
+
+    serve.delete(name)

@@ -1,0 +1,91 @@
+"""AppConfig: the deploy files validate, bad configs fail at start naming the field, and the
+deployment options / EngineConfig built from it are what the config says. No Ray cluster needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from cluster.config import AppConfig
+from workers.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["idlm.yaml", "idlm-gpu.yaml"])
+def test_deploy_files_validate(name):
+    doc = yaml.safe_load((ROOT / "deploy" / name).read_text())
+    (app,) = doc["applications"]
+    assert app["import_path"] == "cluster.app:build_app"
+    cfg = AppConfig.model_validate(app["args"])
+    assert cfg.stride == 4
+    ec = cfg.to_engine_config()
+    assert isinstance(ec, EngineConfig) and ec.model == cfg.model and ec.mode == cfg.mode
+    if name == "idlm.yaml":
+        assert doc["http_options"]["host"] == "127.0.0.1"
+        assert cfg.model == "smollm2" and cfg.replica.deployment_options()["num_replicas"] == 2
+    else:
+        assert cfg.model == "yifanyu/I-DLM-8B" and cfg.mode == "isd" and cfg.dtype == "bfloat16" and cfg.device == "cuda"
+        opts = cfg.replica.deployment_options()
+        assert opts["ray_actor_options"]["num_gpus"] == 1
+        assert (opts["autoscaling_config"]["min_replicas"], opts["autoscaling_config"]["max_replicas"]) == (1, 8)
+        assert "num_replicas" not in opts
+
+
+def test_engine_config_fields():
+    cfg = AppConfig.model_validate({
+        "model": "m", "mode": "risd", "stride": 3, "adapter": "/a", "dtype": "bfloat16", "max_num_seqs": 7,
+        "max_num_batched_tokens": 99, "kv_cache_tokens": 512, "kv_block_size": 8, "max_model_len": 300,
+    })
+    ec = cfg.to_engine_config()
+    assert (ec.mode, ec.stride, ec.adapter, ec.dtype) == ("risd", 3, "/a", "bfloat16")
+    assert (ec.max_num_seqs, ec.max_num_batched_tokens, ec.kv_cache_tokens, ec.kv_block_size, ec.max_model_len) == (7, 99, 512, 8, 300)
+    assert cfg.model_name == "m"
+    assert AppConfig.model_validate({"model": "m", "served_model_name": "x"}).model_name == "x"
+
+
+@pytest.mark.parametrize("args,field", [
+    ({"modle": "smollm2"}, "modle"),
+    ({"mode": "fast"}, "mode"),
+    ({"stride": 0}, "stride"),
+    ({"stride": 17}, "stride"),
+    ({"dtype": "int4"}, "dtype"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"temperature": 1.0}, "temperature"),
+    ({"stride": 8, "max_num_batched_tokens": 10}, "max_num_batched_tokens"),
+    ({"replica": {"num_replicas": 0}}, "replica.num_replicas"),
+    ({"replica": {"num_cpus": 1}}, "replica.num_cpus"),
+    ({"replica": {"ray_actor_options": {"num_gpu": 1}}}, "replica.ray_actor_options.num_gpu"),
+    ({"replica": {"max_queued_requests": -1}}, "replica.max_queued_requests"),
+    ({"replica": {"num_replicas": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}}, "replica"),
+    ({"replica": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}}, "replica.autoscaling_config"),
+    ({"replica": {"autoscaling_config": {"target_ongoing_requests": 0}}}, "replica.autoscaling_config.target_ongoing_requests"),
+    ({"ingress": {"max_ongoing": 3}}, "ingress.max_ongoing"),
+])
+def test_bad_config_names_field(args, field):
+    with pytest.raises(ValidationError) as ei:
+        AppConfig.model_validate(args)
+    text = str(ei.value)
+    assert field in text, text
+
+
+def test_build_app_fails_at_start_naming_field():
+    from cluster.app import build_app
+
+    with pytest.raises(ValueError, match="kv_cache_tokenz"):
+        build_app({"model": "smollm2", "kv_cache_tokenz": 5})
+
+
+def test_build_app_options():
+    from cluster.app import build_app
+
+    app = build_app({"replica": {"num_replicas": 3, "max_ongoing_requests": 5, "max_queued_requests": 7,
+                                 "ray_actor_options": {"num_cpus": 0.5}}})
+    ingress = app._bound_deployment
+    replica = ingress.init_args[1]._bound_deployment
+    assert (ingress.name, replica.name) == ("OpenAIIngress", "EngineReplica")
+    assert replica.num_replicas == 3 and replica.max_ongoing_requests == 5
+    assert replica.max_queued_requests == 7 and replica.ray_actor_options["num_cpus"] == 0.5
