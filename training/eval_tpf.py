@@ -23,6 +23,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="training/data/smollm2")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64, help="must match the data builder's")
+    ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--recompute-ar", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="")
@@ -32,15 +34,29 @@ def main(argv=None) -> None:
     from workers import LLM, SamplingParams
 
     torch.set_num_threads(a.threads)
-    rows = [json.loads(x) for x in open(Path(a.data) / "heldout.jsonl")]
-    meta = json.loads((Path(a.data) / "meta.json").read_text())
+    held = Path(a.data) / "heldout.jsonl"
+    rows = [json.loads(x) for x in open(held)] if held.exists() else []
+    if not rows:  # data builder has not produced the held-out split: same prompts, AR recomputed
+        import random
+
+        from training.prompts import all_prompts
+
+        ps = all_prompts()
+        random.Random(0).shuffle(ps)
+        rows = [{"prompt": p} for p in ps[-a.heldout :]]
+        a.recompute_ar = True
     if a.limit:
         rows = rows[: a.limit]
-    prompts = [r["prompt_ids"] for r in rows]
-    sp = SamplingParams(temperature=0, max_tokens=meta["max_tokens"], ignore_eos=False)
-    ref = [r["response_ids"] for r in rows]
-    if a.recompute_ar:
+    sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=False)
+    ar = None
+    if "prompt_ids" not in rows[0]:
         ar = LLM(a.model, mode="ar")
+        for r in rows:
+            r["prompt_ids"] = ar.encode_chat([{"role": "user", "content": r["prompt"]}])
+    prompts = [r["prompt_ids"] for r in rows]
+    ref = [r.get("response_ids") for r in rows]
+    if a.recompute_ar:
+        ar = ar or LLM(a.model, mode="ar")
         ref = [list(o.token_ids) for o in ar.generate(prompts, sp)]
     report = {}
     for n in a.stride:
