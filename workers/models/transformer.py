@@ -92,7 +92,7 @@ class Attention(nn.Module):
         self.q_proj = LoRALinear(cfg.hidden_size, self.nh * self.hd, bias=b)
         self.k_proj = LoRALinear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.v_proj = LoRALinear(cfg.hidden_size, self.nkv * self.hd, bias=b)
-        self.o_proj = LoRALinear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        self.o_proj = LoRALinear(self.nh * self.hd, cfg.hidden_size, bias=b)  # HF: o_proj also uses attention_bias
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
