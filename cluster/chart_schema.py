@@ -103,7 +103,7 @@ def chart_schema() -> dict:
         "common": _obj({"env": _LIST, "envFrom": _LIST}),
         "head": _pod({"serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}}),
         "workerGroups": {"type": "array", "minItems": 1, "items": worker},
-        "service": _obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "port": _PORT,
+        "service": _obj({"type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
                          "annotations": _LABELS, "labels": _LABELS}),
         "metrics": _obj({
             "port": _PORT,

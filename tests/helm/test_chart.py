@@ -54,7 +54,7 @@ TWO_GPU_GROUPS = {
 API_KEY_SECRET = {
     "apiKey": {"existingSecret": "idlm-api-key", "secretKey": "token"},
     "common": {"env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}]},
-    "service": {"type": "LoadBalancer", "port": 80, "annotations": {"example.com/lb": "internal"}},
+    "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
 }
 FIXED_REPLICAS = {
     "app": {"replica": {"autoscaling_config": None, "num_replicas": 1}},
@@ -280,7 +280,10 @@ def test_api_key_from_secret_never_in_the_manifest(chart):
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
     svc = rs["spec"]["serveService"]
     assert svc["spec"]["type"] == "LoadBalancer"
-    assert svc["spec"]["ports"][0]["port"] == 80 and svc["spec"]["ports"][0]["targetPort"] == 8000
+    # KubeRay replaces the ports by the head's container port named "serve"; keep them equal.
+    assert svc["spec"]["ports"] == [{"name": "serve", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "serve", "containerPort": 8000} in head["ports"]
 
 
 def test_dashboard_configmaps_embed_the_generated_json(chart):
@@ -299,7 +302,7 @@ def test_notes_render(chart):
     out = chart.render(API_KEY_SECRET | SERVICE_MONITORS, name="idlm", namespace="llm")
     notes = out["idlm/templates/NOTES.txt"]
     assert "kubectl -n llm get rayservice idlm" in notes
-    assert "port-forward svc/idlm-serve 80:80" in notes
+    assert "port-forward svc/idlm-serve 8000:8000" in notes
     assert "Authorization: Bearer" in notes and "ServiceMonitor idlm" in notes
 
 
