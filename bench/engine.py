@@ -85,7 +85,7 @@ def bench_ours(mode: str, concs, repeats, max_tokens, stride):
     rows, texts = {}, {}
     for c in concs:
         ps = prompts_for(llm.tokenizer, c)
-        walls, tpfs, ttfts = [], [], []
+        walls, tpfs = [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             res = llm.generate(ps, sp)
@@ -179,8 +179,8 @@ def bench_vllm(model_dir, prompts, concs, repeats, max_tokens):
     cfg = dict(model=model_dir, prompts=prompts, concs=list(concs), repeats=repeats, max_tokens=max_tokens)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_TARGET_DEVICE="cpu")
     p = subprocess.run([str(py), str(runner), json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=1800)
-    sys.stderr.write(p.stderr[-3000:] if p.returncode else "".join(l + "\n" for l in p.stderr.splitlines() if "vllm c=" in l))
-    line = next((l for l in p.stdout.splitlines() if l.startswith("JSON:")), None)
+    sys.stderr.write(p.stderr[-3000:] if p.returncode else "".join(ln + "\n" for ln in p.stderr.splitlines() if "vllm c=" in ln))
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("JSON:")), None)
     if p.returncode or line is None:
         raise RuntimeError(f"vllm runner failed rc={p.returncode}")
     d = json.loads(line[5:])
