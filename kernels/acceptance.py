@@ -87,7 +87,7 @@ def _argmax_update(best, best_idx, score, v0):
     return tl.where(upd, m, best), tl.where(upd, i, best_idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Bg"])  # batch sizes vary every step: no recompiles
 def _verify_greedy(
     TL,  # [Rt, V] target logits
     D,  # [Rd] int64 draft token ids
@@ -124,7 +124,7 @@ def _verify_greedy(
         j += 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NA", "N"])
 def _row_stats(
     A,  # [NA, V] logits (target rows)
     B,  # [N - NA, V] logits (draft rows)
@@ -169,7 +169,7 @@ def _prob(x, thr, m, s):
     return tl.where(x >= thr, tl.exp(x - m) / s, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Bs", "Rt", "K"])
 def _verify_sampled(
     TL,  # [Rt, V] target logits
     DL,  # [Rd, V] draft logits
@@ -253,7 +253,7 @@ def _verify_sampled(
     tl.store(NUM_OUT + b, n_acc + 1, mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R"])
 def _race_rows(
     L,  # [R, V] logits
     TEMP,  # [R] float32; rows with T <= 0 are skipped (greedy, argmax done by the launcher)

@@ -69,13 +69,12 @@ def mixed_case(B, K, V, seed, greedy_frac=0.3, match_frac=0.5, dtype=torch.float
     target = (torch.randn(sum(ks) + B, V, generator=g) * 2).to(dtype)
     draft = (torch.randn(sum(ks), V, generator=g) * 2).to(dtype)
     d = torch.randint(0, V, (sum(ks),), generator=g)
-    am = target.float().argmax(-1)
-    t0 = d0 = 0
-    for k in ks:  # some drafts equal the target argmax so acceptance runs deep
-        for j in range(k):
-            if torch.rand(1, generator=g).item() < match_frac:
-                d[d0 + j] = am[t0 + j]
-        t0, d0 = t0 + k + 1, d0 + k
+    # some drafts equal the argmax of the target row that verifies them, so acceptance runs deep
+    nk = torch.tensor(ks)
+    starts = torch.cumsum(nk, 0) - nk
+    t_row = torch.repeat_interleave(starts + torch.arange(B), nk) + torch.arange(sum(ks)) - torch.repeat_interleave(starts, nk)
+    match = torch.rand(sum(ks), generator=g) < match_frac
+    d = torch.where(match, target.float().argmax(-1)[t_row], d)
     temp = torch.rand(B, generator=g) * 1.5 + 0.3
     temp[torch.rand(B, generator=g) < greedy_frac] = 0.0
     top_k = torch.where(torch.rand(B, generator=g) < 0.3, torch.randint(1, 8, (B,), generator=g), torch.full((B,), -1))
@@ -109,11 +108,16 @@ def test_verify_ref_all_drafts_zero_and_empty():
 
 
 def test_verify_ref_is_fast_for_many_requests():
-    """20k requests used to take ~28 s in the per-request loop; vectorised it is one batch of ops."""
+    """20k requests took ~20-28 s in the per-request loop; vectorised it is one batch of ops
+    (~0.13 s). Relative timing, robust to a loaded machine: 20k vectorised beat 1k looped."""
     case = mixed_case(20000, 3, 64, 7)
     t = time.perf_counter()
     verify_ref(*case)
-    assert time.perf_counter() - t < 5.0
+    t_vec = time.perf_counter() - t
+    small = mixed_case(1000, 3, 64, 7)
+    t = time.perf_counter()
+    verify_loop_spec(*small)
+    assert t_vec < time.perf_counter() - t
 
 
 def test_processed_probs_rows_are_independent_of_batch_mates():
