@@ -74,10 +74,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: str | list[TextPart]
     name: str | None = None
+
+    def as_template_dict(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class StreamOptions(_Strict):
@@ -220,7 +229,7 @@ class OpenAIIngress:
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
         body: ChatRequest = await self._body(request, ChatRequest)
-        msgs = [m.model_dump(exclude_none=True) for m in body.messages]
+        msgs = [m.as_template_dict() for m in body.messages]
         try:
             ids = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
         except Exception as e:

@@ -2,8 +2,19 @@
 
 Owns: `EngineMetricsExporter`, which periodically diffs the engine's cumulative `EngineStats`
 into `ray.util.metrics` counters, sets gauges and drains per-event observations into histograms.
-Labels: model, mode, stride, replica. Ray exports them with the `ray_` prefix (and `_total` on
-counters).
+Labels: model, mode, stride, replica (plus `position`, `kind`, `finish_reason` where DESIGN §3 says).
+
+Naming: a `ray.util.metrics.Counter("idlm_prompt_tokens")` appears on Ray's Prometheus endpoint as
+`ray_idlm_prompt_tokens_total` (Ray adds `ray_`, the Prometheus exporter adds `_total` to counters),
+so counters are registered *without* `_total` and come out exactly as the DESIGN §3 names.
+Gauges and histograms keep their names (`ray_idlm_kv_cache_usage_ratio`,
+`ray_idlm_step_duration_seconds_bucket/_sum/_count`). `cluster.metric_names.exported_names()` lists
+them all; the e2e test scrapes Ray's endpoint for every one.
+
+Export: every 0.5 s (and on each `stats()` call) the replica takes a cumulative `EngineStats`
+snapshot, adds the difference to the previous snapshot to the counters, sets the gauges, and
+drains the engine's per-event `Observations` into the histograms. Ray counters only take positive
+increments, so a counter series appears with its first event.
 
 Derived figures (PromQL used by the dashboards):
   TPF        = sum(rate(ray_idlm_generation_tokens_total[1m])) / sum(rate(ray_idlm_decode_forwards_total[1m]))

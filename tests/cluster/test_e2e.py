@@ -4,6 +4,7 @@ ingress, driven over real HTTP by the official `openai` client (no mocks of Ray,
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
 import json
 
 import httpx
@@ -18,9 +19,9 @@ from workers import LLM, SamplingParams
 MODEL = "smollm2"
 ARGS = {
     "model": MODEL,
-    "mode": "isd",
+    "mode": "risd",  # base SmolLM2 + the demo gated-LoRA adapter (workers/adapters/smollm2-risd)
     "stride": 4,
-    "max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 16384, "max_model_len": 2048,
+    "max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 8192, "max_model_len": 2048,
     "replica": {"num_replicas": 2, "max_ongoing_requests": 64, "max_queued_requests": 128,
                 "ray_actor_options": {"num_cpus": 1}},
 }
@@ -77,21 +78,35 @@ def test_max_tokens_length_exactly_k(client, k):
 
 
 def test_greedy_http_equals_offline_and_stop_strings(client):
-    offline = LLM(MODEL, mode="isd", stride=4)
+    """Greedy HTTP output equals the offline engine's; a stop string placed inside the longest
+    streamed chunk (one engine step's committed block, several tokens when drafts were accepted)
+    cuts the output exactly there, streamed and not, and never leaks."""
+    # small KV budget: the KV cache is preallocated and this machine's memory is shared
+    offline = LLM(MODEL, mode=ARGS["mode"], stride=4, kv_cache_tokens=1024, max_num_seqs=4)
     prompts = ["Name three colors.", "Explain gravity in one sentence.", "What is 2 plus 2?"]
-    for p in prompts:
-        ids = offline.encode_chat([{"role": "user", "content": p}])
-        ref = offline.generate([ids], SamplingParams(temperature=0, max_tokens=24))[0]
+    refs = [offline.generate([offline.encode_chat([{"role": "user", "content": p}])],
+                             SamplingParams(temperature=0, max_tokens=24))[0] for p in prompts]
+    del offline
+    gc.collect()
+    for p, ref in zip(prompts, refs):
         r = _chat(client, p, max_tokens=24)
         assert r.choices[0].message.content == ref.text
-        words = ref.text.split()
-        if len(words) > 3:
-            stop = words[len(words) // 2]
-            r2 = _chat(client, p, max_tokens=24, stop=[stop])
-            assert r2.choices[0].finish_reason == "stop"
-            assert r2.choices[0].message.content == ref.text[: ref.text.index(stop)]
-            chunks = "".join(c.choices[0].delta.content or "" for c in _chat(client, p, max_tokens=24, stop=[stop], stream=True) if c.choices)
-            assert chunks == r2.choices[0].message.content and stop not in chunks
+        chunks = [c.choices[0].delta.content for c in _chat(client, p, max_tokens=24, stream=True)
+                  if c.choices and c.choices[0].delta.content]
+        assert "".join(chunks) == ref.text
+        block = max(chunks, key=lambda c: len(c.strip()))
+        core = block.strip()
+        if len(core) < 2:
+            continue
+        stop = core[len(core) // 2:len(core) // 2 + 2]
+        want = ref.text[: ref.text.index(stop)]
+        r2 = _chat(client, p, max_tokens=24, stop=[stop])
+        assert r2.choices[0].finish_reason == "stop"
+        assert r2.choices[0].message.content == want
+        streamed = [c for c in _chat(client, p, max_tokens=24, stop=[stop], stream=True) if c.choices]
+        text = "".join(c.choices[0].delta.content or "" for c in streamed)
+        assert text == want and stop not in text
+        assert streamed[-1].choices[0].finish_reason == "stop"
 
 
 def test_32_concurrent_requests_both_replicas(cluster):
@@ -232,12 +247,40 @@ def test_metrics_names_and_tpf(cluster, client):
         labels = m[n][0][0]
         assert {"model", "mode", "stride", "replica"} <= labels.keys()
 
+    # Per replica, the exported counters equal the engine's own cumulative stats, so TPF and
+    # acceptance computed from the counters are the engine's.
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EngineReplica", app_name="idlm")
+    engine_stats: dict[str, dict] = {}
+    for _ in range(40):
+        st = handle.stats.remote().result()
+        engine_stats[st["replica"]] = st
+        if len(engine_stats) == 2:
+            break
+    assert len(engine_stats) == 2
+
+    def per_replica_equal():
+        m = parse_metrics(rs.scrape())
+        for rid, st in engine_stats.items():
+            g = metric_sum(m, "ray_idlm_generation_tokens_total", MODEL, replica=rid)
+            f = metric_sum(m, "ray_idlm_decode_forwards_total", MODEL, replica=rid)
+            d = metric_sum(m, "ray_idlm_draft_tokens_total", MODEL, replica=rid)
+            a = metric_sum(m, "ray_idlm_accepted_tokens_total", MODEL, replica=rid)
+            if (g, f, d, a) != (st["generation_tokens"], st["decode_forwards"], st["draft_tokens"], st["accepted_tokens"]):
+                return False
+            assert abs(g / f - st["tokens_per_forward"]) < 1e-9
+            if d:
+                assert abs(a / d - st["acceptance_rate"]) < 1e-9
+        return True
+    assert wait_for(per_replica_equal, timeout=90), engine_stats
+
 
 def test_backpressure_and_api_key(cluster):
     """A second app on the same cluster with tiny limits (1 ongoing + 1 queued) and an API key:
     a flood gets 503/429 with Retry-After, every accepted request completes; no key -> 401."""
     rs, _ = cluster
-    tiny = {**ARGS, "mode": "ar", "served_model_name": "tiny", "api_key": "sekrit",
+    tiny = {**ARGS, "mode": "ar", "served_model_name": "tiny", "api_key": "sekrit", "kv_cache_tokens": 2048,
             "replica": {"num_replicas": 1, "max_ongoing_requests": 1, "max_queued_requests": 1,
                         "ray_actor_options": {"num_cpus": 0.5}}}
     base = rs.deploy(tiny, "tiny", "/tiny")

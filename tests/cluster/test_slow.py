@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2"
 BASE_ARGS = {"model": MODEL, "mode": "isd", "stride": 4, "max_num_seqs": 16, "max_num_batched_tokens": 512,
-             "kv_cache_tokens": 16384, "max_model_len": 2048}
+             "kv_cache_tokens": 4096, "max_model_len": 2048}
 
 
 def _post(base, content, max_tokens=16, model=MODEL, timeout=300, **kw):

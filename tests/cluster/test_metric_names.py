@@ -1,0 +1,25 @@
+"""The exported metric vocabulary is exactly DESIGN §3's (with Ray's `ray_` prefix)."""
+
+from cluster.metric_names import COUNTERS, GAUGES, HISTOGRAMS, LABELS, exported_names
+
+DESIGN_COUNTERS = [
+    "idlm_prompt_tokens_total", "idlm_generation_tokens_total", "idlm_decode_forwards_total",
+    "idlm_draft_tokens_total", "idlm_accepted_tokens_total", "idlm_accepted_tokens_per_pos_total",
+    "idlm_rounds_total", "idlm_requests_total",
+]
+DESIGN_GAUGES = ["idlm_num_requests_running", "idlm_num_requests_waiting", "idlm_kv_cache_usage_ratio"]
+DESIGN_HISTOGRAMS = [
+    "idlm_time_to_first_token_seconds", "idlm_inter_token_latency_seconds", "idlm_e2e_request_latency_seconds",
+    "idlm_request_tokens_per_forward", "idlm_step_duration_seconds",
+]
+
+
+def test_vocabulary_matches_design():
+    # counters are registered without `_total`; Prometheus adds it
+    assert sorted(f"{n}_total" for n in COUNTERS) == sorted(DESIGN_COUNTERS)
+    assert sorted(GAUGES) == sorted(DESIGN_GAUGES)
+    assert sorted(HISTOGRAMS) == sorted(DESIGN_HISTOGRAMS)
+    assert LABELS == ("model", "mode", "stride", "replica")
+    names = set(exported_names())
+    assert {f"ray_{n}" for n in DESIGN_COUNTERS + DESIGN_GAUGES} <= names
+    assert {f"ray_{n}_bucket" for n in DESIGN_HISTOGRAMS} <= names
