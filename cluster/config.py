@@ -19,6 +19,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -112,6 +113,9 @@ class IngressOptions(_Strict):
         }
 
 
+API_KEY_ENV = "IDLM_API_KEY"
+
+
 class AppConfig(_Strict):
     """The `args` of the Serve application (deploy/*.yaml, helm serveConfigV2)."""
 
@@ -147,6 +151,12 @@ class AppConfig(_Strict):
     @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
+
+    def resolved_api_key(self, environ: dict | None = None) -> str | None:
+        """`api_key`, else the `IDLM_API_KEY` environment variable of the ingress process (how the
+        Helm chart passes a Kubernetes Secret without writing the key into the RayService)."""
+        env = os.environ if environ is None else environ
+        return self.api_key or env.get(API_KEY_ENV) or None
 
     def to_engine_config(self) -> EngineConfig:
         return EngineConfig(

@@ -69,6 +69,19 @@ async def _http_error(_: Request, e: StarletteHTTPException):
     return error_response(e.status_code, str(e.detail), type_="invalid_request_error" if e.status_code < 500 else "server_error")
 
 
+# Module-level helpers the ingress class uses must be defined above it: Serve serializes the
+# decorated class at decoration time, capturing only the globals that exist by then.
+def _replica_error(e: Exception) -> APIError:
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, ValueError):
+        msg = str(cause)
+        return APIError(400, msg, msg.split(":")[0] if ":" in msg else None)
+    if isinstance(e, BackPressureError):
+        return APIError(503, "server overloaded", code="overloaded", type_="server_error", headers={"Retry-After": RETRY_AFTER_S})
+    return APIError(503, f"replica unavailable: {type(e).__name__}", code="replica_unavailable", type_="server_error",
+                    headers={"Retry-After": RETRY_AFTER_S})
+
+
 # -- request bodies ---------------------------------------------------------------------------
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -131,6 +144,7 @@ class OpenAIIngress:
         from workers.models.config import ModelConfig
 
         self.cfg = AppConfig.model_validate(config)
+        self.api_key = self.cfg.resolved_api_key()
         self.replica = replica
         model_dir = resolve_model(self.cfg.model)
         self.tokenizer = load_tokenizer(model_dir)
@@ -141,7 +155,7 @@ class OpenAIIngress:
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_auth(self, request: Request) -> None:
-        key = self.cfg.api_key
+        key = self.api_key
         if key and request.headers.get("authorization", "") != f"Bearer {key}":
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)", code="invalid_api_key",
                            type_="authentication_error")
@@ -340,13 +354,3 @@ class OpenAIIngress:
         finally:
             gen.cancel()  # client gone or done: make sure the replica stops and frees the KV
 
-
-def _replica_error(e: Exception) -> APIError:
-    cause = getattr(e, "cause", None) or e
-    if isinstance(cause, ValueError):
-        msg = str(cause)
-        return APIError(400, msg, msg.split(":")[0] if ":" in msg else None)
-    if isinstance(e, BackPressureError):
-        return APIError(503, "server overloaded", code="overloaded", type_="server_error", headers={"Retry-After": RETRY_AFTER_S})
-    return APIError(503, f"replica unavailable: {type(e).__name__}", code="replica_unavailable", type_="server_error",
-                    headers={"Retry-After": RETRY_AFTER_S})

@@ -13,16 +13,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.prompts import all_prompts
+from training.prompts import all_prompts, train_only_prompts
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--out", default="training/data/smollm2")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--no-extra", action="store_true", help="train split: only the 230 base prompts")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
@@ -32,23 +33,22 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     prompts = all_prompts()
-    random.Random(0).shuffle(prompts)
+    random.Random(0).shuffle(prompts)  # fixed shuffle: its last --heldout prompts are held out
+    heldout = prompts[len(prompts) - a.heldout :]
+    train = prompts[: len(prompts) - a.heldout] + ([] if a.no_extra else train_only_prompts())
     if a.limit:
-        prompts = prompts[: a.limit]
-    llm = LLM(a.model, mode="ar")
+        train = train[: a.limit]
+    llm = LLM(a.model, mode="ar", max_num_seqs=a.batch)
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=False)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    # the train split comes first and is written batch by batch, so training can start early;
-    # the last --heldout prompts form the held-out split
-    n_train = len(prompts) - a.heldout
+    # the held-out split first (small), then the train split batch by batch, so training can start
+    # early
     files = {name: open(out / f"{name}.jsonl", "w") for name in ("train", "heldout")}
     t0, ntok, counts = time.time(), 0, {"train": 0, "heldout": 0}
-    bounds = list(range(0, n_train, a.batch)) + list(range(n_train, len(prompts), a.batch))
-    for i in tqdm(bounds, desc="generate"):
-        end = min(i + a.batch, n_train if i < n_train else len(prompts))
-        chunk = prompts[i:end]
-        split = "train" if i < n_train else "heldout"
+    work = [("heldout", heldout[i : i + a.batch]) for i in range(0, len(heldout), a.batch)]
+    work += [("train", train[i : i + a.batch]) for i in range(0, len(train), a.batch)]
+    for split, chunk in tqdm(work, desc="generate"):
         ids = [llm.encode_chat([{"role": "user", "content": p}]) for p in chunk]
         res = llm.generate(ids, sp)
         for p, pid, r in zip(chunk, ids, res):
@@ -60,8 +60,7 @@ def main(argv=None) -> None:
     for f in files.values():
         f.close()
     dt = time.time() - t0
-    train, held = range(counts["train"]), range(counts["heldout"])
-    meta = {"model": a.model, "n_train": len(train), "n_heldout": len(held), "gen_tokens": ntok,
+    meta = {"model": a.model, "n_train": counts["train"], "n_heldout": counts["heldout"], "gen_tokens": ntok,
             "gen_seconds": round(dt, 1), "tokens_per_s": round(ntok / dt, 1), "max_tokens": a.max_tokens}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta))

@@ -23,7 +23,8 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default="training/data/smollm2")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64, help="must match the data builder's")
+    ap.add_argument("--max-tokens", type=int, default=0,
+                    help="default: the data builder's (meta.json), so the stored AR responses are the reference")
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--recompute-ar", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
@@ -34,6 +35,9 @@ def main(argv=None) -> None:
     from workers import LLM, SamplingParams
 
     torch.set_num_threads(a.threads)
+    meta = Path(a.data) / "meta.json"
+    if not a.max_tokens:
+        a.max_tokens = json.loads(meta.read_text())["max_tokens"] if meta.exists() else 128
     held = Path(a.data) / "heldout.jsonl"
     rows = [json.loads(x) for x in open(held)] if held.exists() else []
     if not rows:  # data builder has not produced the held-out split: same prompts, AR recomputed

@@ -33,3 +33,35 @@ EXTRA = [
 def all_prompts() -> list[str]:
     out = [tpl.format(t=t) for t in TOPICS for tpl in TEMPLATES]
     return out + EXTRA
+
+
+# Training-only prompts: new templates over the same topics, and new topics over all templates.
+# They never include a held-out prompt (the held-out split is the tail of the fixed shuffle of
+# `all_prompts()`), so adding them widens the training data without touching the evaluation set.
+MORE_TOPICS = [
+    "glaciers", "the immune system", "bridges", "penguins", "the Renaissance", "rockets",
+    "tides", "mushrooms", "electricity", "the Amazon river", "dinosaurs", "cheese making",
+    "the periodic table", "lighthouses", "wind turbines", "the violin", "coral reefs",
+    "ancient Egypt", "robots", "hurricanes", "the brain", "trains", "origami", "the Sun",
+    "board games", "the ocean floor", "spiders", "chocolate", "maps", "kindness",
+]
+
+MORE_TEMPLATES = [
+    "Why is {t} important?",
+    "Write a short story about {t}.",
+    "What are three interesting questions about {t}?",
+    "How would you teach a class about {t}?",
+    "Write a tweet about {t}.",
+    "Compare {t} with something from everyday life.",
+    "What is the history of {t}?",
+    "Give me five keywords related to {t}.",
+    "Write a short dialogue between two friends about {t}.",
+    "What should a beginner know about {t}?",
+]
+
+
+def train_only_prompts() -> list[str]:
+    held = set(all_prompts())
+    out = [tpl.format(t=t) for t in TOPICS for tpl in MORE_TEMPLATES]
+    out += [tpl.format(t=t) for t in MORE_TOPICS for tpl in TEMPLATES + MORE_TEMPLATES]
+    return [p for p in out if p not in held]

@@ -48,6 +48,8 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                    help="adapter file dtype (float16 halves the file; the engine casts on load)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -67,8 +69,10 @@ def main(argv=None) -> None:
 
     if a.objective == "gated-lora":
         from training import gated_lora as obj
+        from training import prefix_cached
 
         params = obj.prepare_model(model, a.rank, a.alpha)
+        kv_cache: dict[int, prefix_cached.RealKV] = {}  # row index -> frozen real-row K/V (fp16)
     else:
         from training import idlm_objective as obj
 
@@ -99,7 +103,8 @@ def main(argv=None) -> None:
         if a.objective == "gated-lora":
             for d in [out / "adapter"] + ([Path(a.export)] if a.export else []):
                 save_adapter(model, d, mask_id, stride=a.stride, base_model_name_or_path=a.model,
-                             extra={"train_steps": step, "group": a.group})
+                             extra={"train_steps": step, "group": a.group},
+                             dtype=getattr(torch, a.save_dtype))
 
     last, t0 = time.time(), time.time()
     bar = tqdm(total=a.steps, initial=step, desc=a.objective)
@@ -107,17 +112,37 @@ def main(argv=None) -> None:
     while step < a.steps:
         if step % 10 == 0:  # the data builder writes the train split batch by batch
             rows = load_rows(train_file) or rows
-        ex = [rows[rng.randrange(len(rows))] for _ in range(a.batch)]
+        picks = [rng.randrange(len(rows)) for _ in range(a.batch)]
+        opt.zero_grad(set_to_none=True)
         if a.objective == "gated-lora":
-            batch = obj.collate(ex, a.group, mask_id, a.cuts, rng)
-            batch = tuple(t.to(a.device) for t in batch)
-            loss, stats = obj.loss_fn(model, batch, a.group, a.decay)
+            # Real rows never see the LoRA: their K/V are computed once and reused (prefix_cached);
+            # each sequence of the batch is one MASK-only forward, gradients accumulate.
+            losses, accs = [], {}
+            for i in picks:
+                seq, plen = rows[i]
+                cuts = obj.sample_cuts(plen, len(seq), a.cuts, rng)
+                if not cuts:
+                    continue
+                kv = kv_cache.get(i)
+                if kv is None:
+                    kv = prefix_cached.real_kv(model, seq, plen)
+                    kv.keys = [k.to(torch.float16) for k in kv.keys]
+                    kv.values = [v.to(torch.float16) for v in kv.values]
+                    kv_cache[i] = kv
+                full = prefix_cached.RealKV(seq, plen, [k.float() for k in kv.keys], [v.float() for v in kv.values])
+                part, st = prefix_cached.mask_rows_loss(model, full, cuts, a.group, mask_id, a.decay)
+                (part / len(picks)).backward()
+                losses.append(part.item())
+                for k, v in st.items():
+                    accs.setdefault(k, []).append(v)
+            loss = torch.tensor(sum(losses) / max(len(losses), 1))
+            stats = {k: sum(v) / len(v) for k, v in accs.items()}
         else:
+            ex = [rows[i] for i in picks]
             batch = obj.collate(ex, a.stride, mask_id)
             batch = tuple(t.to(a.device) for t in batch)
             loss, stats = obj.loss_fn(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()

@@ -337,16 +337,18 @@ def save_adapter(
     stride: int | None = None,
     base_model_name_or_path: str = "",
     extra: dict | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Writes `model`'s LoRA weights as a PEFT adapter (`adapter_config.json` +
-    `adapter_model.safetensors`, fp32) that `load_adapter` and `peft.PeftModel` both read; the
-    `idlm` section records the MASK token id and stride the gated adapter was trained for."""
+    `adapter_model.safetensors`, in `dtype`; `load_adapter` casts to the model's dtype) that
+    `load_adapter` and `peft.PeftModel` both read; the `idlm` section records the MASK token id and
+    stride the gated adapter was trained for."""
     d = Path(adapter_dir)
     tensors, targets, shapes = {}, set(), set()
     for name, mod in model.named_modules():
         if isinstance(mod, LoRALinear) and mod.lora_A is not None:
-            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().float().cpu().contiguous()
-            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().float().cpu().contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().to(dtype).cpu().contiguous()
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().to(dtype).cpu().contiguous()
             targets.add(name.rsplit(".", 1)[-1])
             shapes.add((mod.lora_A.shape[0], float(mod.lora_scaling)))
     if not tensors:

@@ -132,9 +132,10 @@ class PrometheusServer:
         exe = self.binary()
         self.dir = tempfile.mkdtemp(prefix="idlm-prom-")
         cfg = os.path.join(self.dir, "prometheus.yml")
+        every = f"{max(int(self.interval_s * 1000), 1)}ms"  # Prometheus durations take no fractions ("1.0s")
         with open(cfg, "w") as f:
             f.write(
-                f"global:\n  scrape_interval: {self.interval_s}s\n  evaluation_interval: {self.interval_s}s\n"
+                f"global:\n  scrape_interval: {every}\n  evaluation_interval: {every}\n"
                 "scrape_configs:\n  - job_name: ray\n    static_configs:\n"
                 f"      - targets: {json.dumps(self.targets)}\n"
             )

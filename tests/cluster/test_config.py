@@ -89,3 +89,14 @@ def test_build_app_options():
     assert (ingress.name, replica.name) == ("OpenAIIngress", "EngineReplica")
     assert replica.num_replicas == 3 and replica.max_ongoing_requests == 5
     assert replica.max_queued_requests == 7 and replica.ray_actor_options["num_cpus"] == 0.5
+
+
+def test_api_key_from_environment_when_unset():
+    """The Helm chart passes a Secret as IDLM_API_KEY; an explicit `api_key` wins over it."""
+    from cluster.config import API_KEY_ENV
+
+    assert API_KEY_ENV == yaml.safe_load((ROOT / "helm/idlm/values.yaml").read_text())["apiKey"]["envName"]
+    assert AppConfig(model="smollm2").resolved_api_key({}) is None
+    assert AppConfig(model="smollm2").resolved_api_key({API_KEY_ENV: "s3cret"}) == "s3cret"
+    assert AppConfig(model="smollm2", api_key="explicit").resolved_api_key({API_KEY_ENV: "s3cret"}) == "explicit"
+    assert AppConfig(model="smollm2").resolved_api_key({API_KEY_ENV: ""}) is None
