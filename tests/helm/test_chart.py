@@ -12,6 +12,7 @@ of `serveConfigV2` with Ray Serve's own `ServeDeploySchema` and with `cluster.co
 from __future__ import annotations
 
 import copy
+import gzip
 import json
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from cluster.dashboards import build as dash_build  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "idlm"
-CRD_DIR = REPO.parent / "shared" / "kuberay"
+CRD_DIR = REPO.parent / "shared" / "kuberay"  # the workplace copy, when present
+VENDORED_CRD = Path(__file__).with_name("crd") / "ray.io_rayservices.yaml.gz"  # see crd/README.md
 K8S_VERSION = "1.33.0"
 CRD_KINDS = {"RayService", "ServiceMonitor", "PodMonitor"}
 
@@ -149,10 +151,7 @@ def _strict(schema):
 @pytest.fixture(scope="module")
 def rayservice_validator():
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is not installed")
-    crd_path = CRD_DIR / "ray.io_rayservices.yaml"
-    if not crd_path.exists():
-        pytest.skip(f"upstream KubeRay CRD not found at {crd_path} (expected <repo>/../shared/kuberay/)")
-    crd = yaml.load(crd_path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    crd = yaml.load(gzip.decompress(VENDORED_CRD.read_bytes()), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(v1["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked by the API server
@@ -165,6 +164,13 @@ def test_rayservice_matches_upstream_crd(chart, rayservice_validator, variant):
     assert rs["apiVersion"] == "ray.io/v1"
     errors = sorted(rayservice_validator.iter_errors(rs), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
+
+
+def test_vendored_crd_is_the_upstream_file():
+    shared = CRD_DIR / "ray.io_rayservices.yaml"
+    if not shared.exists():
+        pytest.skip(f"no workplace copy at {shared} to compare with")
+    assert gzip.decompress(VENDORED_CRD.read_bytes()) == shared.read_bytes()
 
 
 def test_crd_validation_catches_a_bad_manifest(chart, rayservice_validator):
