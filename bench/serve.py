@@ -3,7 +3,7 @@
     .venv/bin/python bench/serve.py [--base-url http://127.0.0.1:8000] [--conc 1,2,4,8,16,32] [--requests-per-level 2]
 
 Per concurrency level: throughput (completion tokens/s), TTFT and ITL percentiles (ms), errors.
-Writes bench/results/serve.json and serve.png. Never part of the tests. STATUS: not yet run.
+Writes bench/results/serve.json and serve.png. Never part of the tests. Latest figures: README "Benchmarks".
 """
 
 from __future__ import annotations

@@ -102,3 +102,28 @@ def test_cli_answers_capital_of_france(smol):
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     assert "TPF" in r.stdout and "acceptance" in r.stdout
+
+
+def test_shipped_demo_adapter(smol):
+    """The committed demo adapter: <= 20 MB, SmolLM2's MASK id, the `smollm2` alias picks it in
+    `risd`, greedy output is the base model's, and it drafts (TPF well above 1: an adapter that
+    proposes nothing useful sits at ~1.02, as plain ISD on SmolLM2 does)."""
+    from pathlib import Path
+
+    from workers.aliases import default_adapter
+    from workers.loader import load_adapter
+
+    path = default_adapter("smollm2")
+    assert path is not None
+    size = sum(f.stat().st_size for f in Path(path).iterdir())
+    assert size <= 20_000_000, size
+    d, _, cfg, tok, prompts = smol
+    model, _ = load_model(d)
+    info = load_adapter(model, path)
+    assert info.mask_token_id == 16
+    params = SamplingParams(temperature=0, max_tokens=48)
+    ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar").generate(prompts, params)]
+    risd = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4)
+    out = risd.generate(prompts, params)
+    assert [o.token_ids for o in out] == ar
+    assert risd.stats().tokens_per_forward > 1.15, risd.stats().tokens_per_forward  # these 8 prompts: 1.28
