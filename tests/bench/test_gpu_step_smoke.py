@@ -8,6 +8,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -18,12 +20,14 @@ def _load():
     return mod
 
 
-def test_tiny_run_writes_rows(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_tiny_run_writes_rows(tmp_path, lora_rank):
     out = tmp_path / "g.json"
     _load().main(["--tiny", "--device", "cpu", "--conc", "1,2", "--ctx", "40", "--warmup", "1", "--repeats", "1",
-                  "--out", str(out)])
+                  "--lora-rank", str(lora_rank), "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["measured"] is False and res["tiny"] is True
+    assert res["measured"] is False and res["tiny"] is True and res["lora_rank"] == lora_rank
+    assert res["roofline_ar_c1"]["met"] is None  # a CPU run never claims a GPU target
     assert [r["conc"] for r in res["rows"]] == [1, 2]
     assert all(r["ar_ms_min"] > 0 and r["isd_ms_min"] > 0 for r in res["rows"])
 
