@@ -28,6 +28,8 @@ def main(argv=None) -> None:
     ap.add_argument("--heldout", type=int, default=60)
     ap.add_argument("--recompute-ar", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     import torch
@@ -54,17 +56,17 @@ def main(argv=None) -> None:
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=False)
     ar = None
     if "prompt_ids" not in rows[0]:
-        ar = LLM(a.model, mode="ar")
+        ar = LLM(a.model, mode="ar", device=a.device, dtype=a.dtype)
         for r in rows:
             r["prompt_ids"] = ar.encode_chat([{"role": "user", "content": r["prompt"]}])
     prompts = [r["prompt_ids"] for r in rows]
     ref = [r.get("response_ids") for r in rows]
     if a.recompute_ar:
-        ar = ar or LLM(a.model, mode="ar")
+        ar = ar or LLM(a.model, mode="ar", device=a.device, dtype=a.dtype)
         ref = [list(o.token_ids) for o in ar.generate(prompts, sp)]
     report = {}
     for n in a.stride:
-        llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter)
+        llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter, device=a.device, dtype=a.dtype)
         t0 = time.time()
         outs = []
         for i in range(0, len(prompts), a.batch):

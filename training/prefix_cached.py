@@ -72,43 +72,103 @@ def real_kv(model: CausalLM, seq: list[int], prompt_len: int) -> RealKV:
     return RealKV(seq, prompt_len, keys, values)
 
 
+@torch.no_grad()
+def real_kv_batch(model: CausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """`real_kv` of several sequences in one padded forward (right padding cannot reach a real row
+    under causal attention). Returns per sequence ONE stacked tensor [layers, 2, L, Hkv, D] (keys,
+    values): a cache entry that `unstack` turns back into a `RealKV` with one dtype cast."""
+    dev = model.lm_head.weight.device
+    B, T = len(seqs), max(len(s) for s in seqs)
+    ids = torch.zeros(B, T, dtype=torch.long, device=dev)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, device=dev)
+    cos, sin = model.rotary(torch.arange(T, device=dev).repeat(B))
+    x = model.model.embed_tokens(ids.view(-1))  # [B*T, H]
+    kvs = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin, None)  # [B*T, heads, D]
+        o = F.scaled_dot_product_attention(
+            *(t.view(B, T, -1, a.hd).transpose(1, 2) for t in (q, k, v)),
+            is_causal=True, scale=a.scale, enable_gqa=a.nh != a.nkv,
+        )  # [B, Hq, T, D]
+        x = x + a.o_proj(o.transpose(1, 2).reshape(B * T, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x), None)
+        kvs.append(torch.stack([k.view(B, T, a.nkv, a.hd), v.view(B, T, a.nkv, a.hd)], 1))  # [B, 2, T, Hkv, D]
+    full = torch.stack(kvs, 1)  # [B, layers, 2, T, Hkv, D]
+    return [full[b, :, :, : len(s)].clone() for b, s in enumerate(seqs)]
+
+
+def unstack(seq: list[int], prompt_len: int, kv: torch.Tensor, dtype=torch.float32) -> RealKV:
+    """A `real_kv_batch` entry [layers, 2, L, Hkv, D] as a `RealKV` in `dtype`."""
+    kv = kv.to(dtype)
+    return RealKV(seq, prompt_len, list(kv[:, 0]), list(kv[:, 1]))
+
+
 def mask_rows_loss(
     model: CausalLM, kv: RealKV, cuts: list[int], group: int, mask_id: int, decay: float = 0.8
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of `group` MASK rows after each cut t (t = index of the last real row they see)."""
+    return mask_rows_loss_batch(model, [kv], [cuts], group, mask_id, decay)
+
+
+def mask_rows_loss_batch(
+    model: CausalLM, kvs: list[RealKV], cuts: list[list[int]], group: int, mask_id: int, decay: float = 0.8
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`mask_rows_loss` of several sequences in ONE forward: their real K/V are concatenated on the
+    key axis and each MASK row only sees its own sequence's rows (a block-diagonal mask), so on a GPU
+    a batch costs about one sequence's kernel launches. The loss is the mean over sequences of each
+    sequence's decay-weighted mean CE -- the same value as averaging `mask_rows_loss` per sequence."""
     dev = model.lm_head.weight.device
-    L, C = len(kv.seq), len(cuts)
-    R = C * group
-    t = torch.tensor(cuts, device=dev).repeat_interleave(group)  # [R] cut of each row
+    keep = [(kv, c) for kv, c in zip(kvs, cuts) if c]
+    if not keep:
+        raise ValueError("cuts: every sequence of the batch has no cut")
+    lens = [len(kv.seq) for kv, _ in keep]
+    off = torch.tensor([0] + lens[:-1], device=dev).cumsum(0)  # [B] key offset of each sequence
+    ncut = torch.tensor([len(c) for _, c in keep], device=dev)
+    B = len(keep)
+    t = torch.tensor([x for _, c in keep for x in c], device=dev).repeat_interleave(group)  # [R] cut (local)
+    C = t.numel() // group
     j = torch.arange(group, device=dev).repeat(C)  # [R] offset inside the group
-    g = torch.arange(C, device=dev).repeat_interleave(group)  # [R] group index
+    g = torch.arange(C, device=dev).repeat_interleave(group)  # [R] group index (batch-wide)
+    sid = torch.arange(B, device=dev).repeat_interleave(ncut * group)  # [R] sequence of each row
     pos = t + 1 + j
     tgt_idx = t + 2 + j
-    seq = torch.tensor(kv.seq, device=dev)
-    labels = torch.where(tgt_idx < L, seq[tgt_idx.clamp(max=L - 1)], -100)
-    # [R, L + R]: real rows 0..t, then own group's MASK rows with offset <= j
+    L = torch.tensor(lens, device=dev)[sid]  # [R] own sequence length
+    seqs = torch.tensor([x for kv, _ in keep for x in kv.seq], device=dev)  # [sum L]
+    # (a target past its own sequence's end gets no loss; the clamp only keeps the gather in range)
+    labels = torch.where(tgt_idx < L, seqs[(off[sid] + tgt_idx).clamp(max=seqs.numel() - 1)], -100)
+    # keys: every sequence's real rows, then all MASK rows. Real key k belongs to sequence kseq[k]
+    # at local position kpos[k]; a MASK row sees real rows 0..t of its own sequence and the MASK
+    # rows of its own group with offset <= j.
+    kseq = torch.arange(B, device=dev).repeat_interleave(torch.tensor(lens, device=dev))  # [sum L]
+    kpos = torch.arange(seqs.numel(), device=dev) - off[kseq]
     mask = torch.cat([
-        torch.arange(L, device=dev)[None, :] <= t[:, None],
+        (kseq[None, :] == sid[:, None]) & (kpos[None, :] <= t[:, None]),
         (g[None, :] == g[:, None]) & (j[None, :] <= j[:, None]),
-    ], dim=1)
+    ], dim=1)  # [R, sum L + R]
+    R = t.numel()
     cos, sin = model.rotary(pos)
     rows = torch.arange(R, device=dev)  # every row is a MASK row: LoRA on everywhere
     x = model.model.embed_tokens(torch.full((R,), mask_id, device=dev))  # [R, H]
     for li, layer in enumerate(model.model.layers):
         a = layer.self_attn
         q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin, rows)
-        k = torch.cat([kv.keys[li], k], 0)
-        v = torch.cat([kv.values[li], v], 0)
+        k = torch.cat([kv.keys[li] for kv, _ in keep] + [k], 0)
+        v = torch.cat([kv.values[li] for kv, _ in keep] + [v], 0)
         x = x + a.o_proj(_attend(a, q, k, v, mask), rows)
         x = x + layer.mlp(layer.post_attention_layernorm(x), rows)
     sel = labels != -100
     logits = model.compute_logits(model.model.norm(x[sel])).float()  # [R', V]
     ce = F.cross_entropy(logits, labels[sel], reduction="none")
     w = decay ** j[sel].float()
-    loss = (ce * w).sum() / w.sum()
+    s_sel = sid[sel]
+    num = torch.zeros(B, device=dev).index_add(0, s_sel, ce * w)  # [B] weighted CE sum per sequence
+    den = torch.zeros(B, device=dev).index_add(0, s_sel, w)
+    has = den > 0
+    loss = (num[has] / den[has]).mean()
     with torch.no_grad():
         hit = (logits.argmax(-1) == labels[sel]).float()
         js = j[sel]
         stats = {f"acc{o}": hit[js == o].mean().item() for o in range(min(group, 4)) if (js == o).any()}
     return loss, stats
-

@@ -1,5 +1,7 @@
 """Prompts written for this project: task templates x topics (deterministic order)."""
 
+import random
+
 TOPICS = [
     "photosynthesis", "black holes", "the French Revolution", "machine learning", "volcanoes",
     "the water cycle", "coffee", "chess", "the human heart", "electric cars", "honeybees",
@@ -65,3 +67,77 @@ def train_only_prompts() -> list[str]:
     out = [tpl.format(t=t) for t in TOPICS for tpl in MORE_TEMPLATES]
     out += [tpl.format(t=t) for t in MORE_TOPICS for tpl in TEMPLATES + MORE_TEMPLATES]
     return [p for p in out if p not in held]
+
+
+# Third widening (for the GPU-built data set): many more topics and task templates, same rule --
+# never a held-out prompt. Topics span science, daily life, history, arts, tech and places;
+# templates span explaining, listing, creative writing, advice, comparison and short answers.
+WIDE_TOPICS = [
+    "snowflakes", "the stock exchange", "gardening", "sharks", "the Eiffel Tower", "submarines",
+    "rainbows", "the piano", "yoga", "elephants", "nuclear energy", "the Middle Ages", "camping",
+    "video games", "the Pyramids", "antibiotics", "owls", "bamboo", "marathons", "the alphabet",
+    "money", "clouds", "the Industrial Revolution", "whales", "smartphones", "pizza", "tornadoes",
+    "the Milky Way", "soccer", "ants", "democracy", "recycling plastic", "the moon landing",
+    "batteries", "hiking", "the Vikings", "fossils", "magnets", "podcasts", "kites", "sunflowers",
+    "the Arctic", "blood", "cooking pasta", "the telescope", "wolves", "calendars", "volunteering",
+    "cryptography", "rivers", "butterflies", "the Silk Road", "photography", "vitamins", "castles",
+    "deep sea creatures", "the telephone", "running shoes", "fractions", "the Sahara", "pandas",
+    "weather forecasting", "libraries in the digital age", "the heart rate", "the compass",
+    "poetry", "salt", "the skeleton", "lightning", "ancient Greece", "cats", "dogs", "horses",
+    "the human eye", "sound waves", "clocks", "the Pacific Ocean", "rice", "the bicycle helmet",
+    "first aid", "the solar system", "cartoons", "origami cranes", "musical instruments",
+    "space stations", "coral", "frogs", "the metric system", "ice cream", "the Himalayas",
+    "3D printing", "mountains", "the postal service", "wind", "cotton", "the microscope",
+    "habits", "public speaking", "email", "teamwork", "saving money", "learning a language",
+    "the Statue of Liberty", "apples", "thunderstorms", "airports", "tomatoes", "sunscreen",
+    "bees and flowers", "the human skin", "comets", "sand", "the zebra", "the kangaroo",
+    "wildfires", "a healthy breakfast", "computer viruses", "the speed of light", "shadows",
+    "fireworks", "the Nile", "quilts", "the guitar", "mathematics", "writing a letter",
+]
+
+WIDE_TEMPLATES = [
+    "Tell me something surprising about {t}.",
+    "Write a limerick about {t}.",
+    "Explain {t} in two sentences.",
+    "What are the pros and cons of {t}?",
+    "Write a short advertisement for {t}.",
+    "Summarize what scientists know about {t}.",
+    "Give three tips related to {t}.",
+    "Write a riddle whose answer is {t}.",
+    "How has {t} changed over time?",
+    "Describe {t} using only simple words.",
+    "Write a short news headline and first sentence about {t}.",
+    "What would the world be like without {t}?",
+    "Make a short quiz with two questions about {t}.",
+    "Write the opening line of a novel about {t}.",
+    "Explain why people find {t} interesting.",
+    "List the steps to learn more about {t}.",
+    "Write a short speech about {t}.",
+    "What are some fun activities involving {t}?",
+    "Give an analogy that explains {t}.",
+    "Write a diary entry about a day spent with {t}.",
+    "What are common questions children ask about {t}?",
+    "Describe {t} in the style of a weather report.",
+    "Write a short song chorus about {t}.",
+    "What careers are connected to {t}?",
+    "Explain {t} to someone from the year 1800.",
+]
+
+
+def wide_train_prompts() -> list[str]:
+    """`train_only_prompts()` plus every topic x template pair of the wide lists, deduplicated,
+    held-out prompts excluded. Deterministic order: the narrower lists first, then the new pairs in
+    a fixed shuffle, so any prefix (``--limit``, or a generation cut short) spans all topics and
+    templates instead of the first few topics."""
+    held = set(all_prompts())
+    topics = TOPICS + MORE_TOPICS + WIDE_TOPICS
+    templates = TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES
+    first = train_only_prompts()
+    seen = held | set(first)
+    rest = []
+    for p in [tpl.format(t=t) for t in topics for tpl in templates]:
+        if p not in seen:
+            seen.add(p)
+            rest.append(p)
+    random.Random(1).shuffle(rest)
+    return first + rest

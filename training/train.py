@@ -24,9 +24,26 @@ def load_rows(path: Path) -> list[tuple[list[int], int]]:
     rows = []
     with open(path) as f:
         for line in f:
+            if not line.endswith("\n"):  # the data builder is mid-write: its last row is not whole yet
+                break
             r = json.loads(line)
             rows.append((r["prompt_ids"] + r["response_ids"], len(r["prompt_ids"])))
     return rows
+
+
+def init_lora(model, adapter_dir: Path) -> None:
+    """Copies a PEFT adapter's lora_A / lora_B into the model's (already added, trainable) LoRA."""
+    from safetensors.torch import load_file
+
+    from workers.loader import _PEFT_PREFIX
+
+    mods = dict(model.named_modules())
+    for key, w in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+        name, which, _ = key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)
+        dst = getattr(mods[name], which)
+        if dst.shape != w.shape:
+            raise ValueError(f"init-adapter: {key} has shape {tuple(w.shape)}, the model's is {tuple(dst.shape)}")
+        dst.data.copy_(w)
 
 
 def main(argv=None) -> None:
@@ -48,6 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kv-cache-gb", type=float, default=6.0,
+                    help="memory cap of the frozen real-row K/V cache (oldest entries evicted past it)")
+    ap.add_argument("--init-adapter", default="", help="PEFT adapter dir whose LoRA weights start the run")
+    ap.add_argument("--deadline", type=float, default=0.0,
+                    help="seconds of training after which the run saves and stops early (0: none)")
     ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="adapter file dtype (float16 halves the file; the engine casts on load)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -63,16 +85,22 @@ def main(argv=None) -> None:
     train_file = Path(a.data) / "train.jsonl"
     while not (train_file.exists() and train_file.stat().st_size > 0):  # data builder still running
         time.sleep(5)
-    rows = load_rows(train_file)
+    rows, size = load_rows(train_file), train_file.stat().st_size
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    init_steps = 0  # steps already in an --init-adapter: the saved adapter counts them too
     if a.objective == "gated-lora":
         from training import gated_lora as obj
         from training import prefix_cached
 
         params = obj.prepare_model(model, a.rank, a.alpha)
-        kv_cache: dict[int, prefix_cached.RealKV] = {}  # row index -> frozen real-row K/V (fp16)
+        if a.init_adapter:  # warm start from a PEFT adapter of the same rank (e.g. a CPU-trained one)
+            init_lora(model, Path(a.init_adapter))
+            init_cfg = json.loads((Path(a.init_adapter) / "adapter_config.json").read_text())
+            init_steps = init_cfg.get("idlm", {}).get("train_steps", 0)
+        kv_cache: dict[int, torch.Tensor] = {}  # row -> frozen real-row K/V [layers, 2, L, Hkv, D] fp16
+        kv_bytes = 0  # ~5.8 MB a 250-token row on SmolLM2-135M: a wide data set does not fit whole
     else:
         from training import idlm_objective as obj
 
@@ -103,40 +131,44 @@ def main(argv=None) -> None:
         if a.objective == "gated-lora":
             for d in [out / "adapter"] + ([Path(a.export)] if a.export else []):
                 save_adapter(model, d, mask_id, stride=a.stride, base_model_name_or_path=a.model,
-                             extra={"train_steps": step, "group": a.group},
+                             extra={"train_steps": init_steps + step, "group": a.group},
                              dtype=getattr(torch, a.save_dtype))
 
     last, t0 = time.time(), time.time()
     bar = tqdm(total=a.steps, initial=step, desc=a.objective)
     log = open(out / "log.jsonl", "a")
     while step < a.steps:
-        if step % 10 == 0:  # the data builder writes the train split batch by batch
+        if step % 10 == 0 and train_file.stat().st_size != size:  # the data builder still appending
+            size = train_file.stat().st_size
             rows = load_rows(train_file) or rows
         picks = [rng.randrange(len(rows)) for _ in range(a.batch)]
         opt.zero_grad(set_to_none=True)
         if a.objective == "gated-lora":
             # Real rows never see the LoRA: their K/V are computed once and reused (prefix_cached);
-            # each sequence of the batch is one MASK-only forward, gradients accumulate.
-            losses, accs = [], {}
+            # the MASK rows of the whole batch run in one forward (block-diagonal over sequences).
+            kvs, cut_lists = [], []
+            todo = [i for i in picks if i not in kv_cache]
+            for j in range(0, len(todo), 64):  # first visits: one padded no-grad forward per 64
+                chunk = sorted(set(todo[j : j + 64]))
+                for i, kv in zip(chunk, prefix_cached.real_kv_batch(model, [rows[i][0] for i in chunk])):
+                    kv_cache[i] = kv.to(torch.float16)
+                    kv_bytes += kv_cache[i].nbytes
+            # evict the oldest entries past the cap, never one this step still needs
+            for i in list(kv_cache):
+                if kv_bytes <= a.kv_cache_gb * 2**30:
+                    break
+                if i not in picks:
+                    kv_bytes -= kv_cache.pop(i).nbytes
             for i in picks:
                 seq, plen = rows[i]
                 cuts = obj.sample_cuts(plen, len(seq), a.cuts, rng)
-                if not cuts:
-                    continue
-                kv = kv_cache.get(i)
-                if kv is None:
-                    kv = prefix_cached.real_kv(model, seq, plen)
-                    kv.keys = [k.to(torch.float16) for k in kv.keys]
-                    kv.values = [v.to(torch.float16) for v in kv.values]
-                    kv_cache[i] = kv
-                full = prefix_cached.RealKV(seq, plen, [k.float() for k in kv.keys], [v.float() for v in kv.values])
-                part, st = prefix_cached.mask_rows_loss(model, full, cuts, a.group, mask_id, a.decay)
-                (part / len(picks)).backward()
-                losses.append(part.item())
-                for k, v in st.items():
-                    accs.setdefault(k, []).append(v)
-            loss = torch.tensor(sum(losses) / max(len(losses), 1))
-            stats = {k: sum(v) / len(v) for k, v in accs.items()}
+                if cuts:
+                    kvs.append(prefix_cached.unstack(seq, plen, kv_cache[i]))
+                    cut_lists.append(cuts)
+            if not kvs:
+                continue
+            loss, stats = prefix_cached.mask_rows_loss_batch(model, kvs, cut_lists, a.group, mask_id, a.decay)
+            loss.backward()
         else:
             ex = [rows[i] for i in picks]
             batch = obj.collate(ex, a.stride, mask_id)
@@ -156,6 +188,9 @@ def main(argv=None) -> None:
         if time.time() - last > a.ckpt_every:
             save()
             last = time.time()
+        if a.deadline and time.time() - t0 > a.deadline:
+            print(f"deadline reached at step {step}")
+            break
     save()
     bar.close()
     print(json.dumps({"done": step, "seconds": round(time.time() - t0, 1)}))

@@ -175,3 +175,77 @@ def test_prefix_cached_loss_equals_packed_dense(family):
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_prefix_cached_batch_equals_mean_of_sequences():
+    """The batched fast path (one forward, block-diagonal over sequences of different lengths) gives
+    the mean of the per-sequence losses and the same LoRA gradients; a cut-less sequence is skipped."""
+    from training import prefix_cached
+
+    lm = tiny_loaded("qwen3", vocab_size=64)
+    model = lm.model
+    params = gated_lora.prepare_model(model, rank=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    a, b = random_prompts(2, 64, lo=14, hi=26, seed=9)
+    kva, kvb = prefix_cached.real_kv(model, a, 4), prefix_cached.real_kv(model, b, 6)
+    ca, cb = [3, 6, len(a) - 3], [5, 9]
+    la, _ = prefix_cached.mask_rows_loss(model, kva, ca, 3, lm.mask_token_id)
+    lb, _ = prefix_cached.mask_rows_loss(model, kvb, cb, 3, lm.mask_token_id)
+    ref = (la + lb) / 2
+    ref_grads = torch.autograd.grad(ref, params)
+    got, stats = prefix_cached.mask_rows_loss_batch(model, [kva, kvb, kva], [ca, cb, []], 3, lm.mask_token_id)
+    grads = torch.autograd.grad(got, params)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    assert set(stats) == {"acc0", "acc1", "acc2"}
+    with pytest.raises(ValueError, match="cuts"):
+        prefix_cached.mask_rows_loss_batch(model, [kva], [[]], 3, lm.mask_token_id)
+
+
+def test_real_kv_batch_equals_per_sequence():
+    """The padded batch of real rows gives each sequence the K/V of its own unpadded forward."""
+    from training import prefix_cached
+
+    lm = tiny_loaded("llama", vocab_size=64)
+    seqs = random_prompts(3, 64, lo=5, hi=30, seed=4)
+    got = prefix_cached.real_kv_batch(lm.model, seqs)
+    for s, kv in zip(seqs, got):
+        ref = prefix_cached.real_kv(lm.model, s, 2)
+        u = prefix_cached.unstack(s, 2, kv)
+        assert kv.shape[2] == len(s)
+        for a, b in zip(u.keys + u.values, ref.keys + ref.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_wide_prompts_never_heldout_and_prefix_spans_topics():
+    from training.prompts import (
+        WIDE_TEMPLATES,
+        WIDE_TOPICS,
+        all_prompts,
+        train_only_prompts,
+        wide_train_prompts,
+    )
+
+    wide = wide_train_prompts()
+    assert len(wide) == len(set(wide)) > 7000
+    assert not set(wide) & set(all_prompts())  # the held-out split is drawn from all_prompts()
+    assert wide[: len(train_only_prompts())] == train_only_prompts()
+    # the shuffled tail: its first 1000 prompts already touch most wide topics and every template
+    head = wide[len(train_only_prompts()) : len(train_only_prompts()) + 1000]
+    assert sum(any(t in p for p in head) for t in WIDE_TOPICS) > 0.9 * len(WIDE_TOPICS)
+    assert all(any(p == tpl.format(t=t) for p in head for t in WIDE_TOPICS) for tpl in WIDE_TEMPLATES)
+
+
+def test_load_rows_stops_at_a_partial_last_line(tmp_path):
+    import json
+
+    from training.train import load_rows
+
+    f = tmp_path / "train.jsonl"
+    row = {"prompt": "p", "prompt_ids": [1, 2], "response_ids": [3, 4, 5], "text": "x"}
+    f.write_text(json.dumps(row) + "\n" + json.dumps(row)[:20])  # the builder is mid-write
+    assert load_rows(f) == [([1, 2, 3, 4, 5], 2)]
