@@ -152,19 +152,24 @@ def test_adapter_roundtrip_lossless(tmp_path):
     assert [o.token_ids for o in out] == ref
 
 
+def _lora_model(family: str):
+    """A tiny model with a rank-4 gated LoRA whose B is non-zero (so LoRA gradients are non-trivial)."""
+    lm = tiny_loaded(family, vocab_size=64)
+    params = gated_lora.prepare_model(lm.model, rank=4, alpha=8)
+    with torch.no_grad():
+        for n, p in lm.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return lm, lm.model, params
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_prefix_cached_loss_equals_packed_dense(family):
     """The fast path (real rows once, no grad; MASK rows only) is the same objective as the packed
     dense one: equal loss and equal LoRA gradients on a model with non-zero LoRA B."""
     from training import prefix_cached
 
-    lm = tiny_loaded(family, vocab_size=64)
-    model = lm.model
-    params = gated_lora.prepare_model(model, rank=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    lm, model, params = _lora_model(family)
     seq, plen = random_prompts(1, 64, lo=20, hi=21, seed=5)[0], 5
     cuts = [4, 7, 8, 15]
     ids, pos, mask, lora, labels = gated_lora.pack_example(seq, plen, cuts, 3, lm.mask_token_id)
@@ -182,13 +187,7 @@ def test_prefix_cached_batch_equals_mean_of_sequences():
     the mean of the per-sequence losses and the same LoRA gradients; a cut-less sequence is skipped."""
     from training import prefix_cached
 
-    lm = tiny_loaded("qwen3", vocab_size=64)
-    model = lm.model
-    params = gated_lora.prepare_model(model, rank=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    lm, model, params = _lora_model("qwen3")
     a, b = random_prompts(2, 64, lo=14, hi=26, seed=9)
     kva, kvb = prefix_cached.real_kv(model, a, 4), prefix_cached.real_kv(model, b, 6)
     ca, cb = [3, 6, len(a) - 3], [5, 9]
