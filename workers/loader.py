@@ -90,15 +90,16 @@ def resolve_model(source: str, cache_dir: str | os.PathLike | None = None) -> st
             raise ValueError(f"model: directory {source!r} has no config.json")
         return str(p)
     if source.count("/") == 1 and not p.exists() and not source.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
+        # A lookup in the local cache only (no client, no network): we never download at run time.
+        from huggingface_hub import try_to_load_from_cache
 
-            return snapshot_download(source, local_files_only=True)
-        except Exception as e:  # not in the local cache: we never download at run time
+        cfg = try_to_load_from_cache(source, "config.json")
+        if not isinstance(cfg, str):  # None (not cached) or the cached "does not exist" marker
             raise ValueError(
                 f"model: {source!r} is not in the local Hugging Face cache; download it first "
                 f"(huggingface-cli download {source}) or pass a local directory"
-            ) from e
+            )
+        return str(Path(cfg).parent)  # the snapshot directory of the cached `main` revision
     raise ValueError(
         f"model: {source!r} is not an alias (smollm2), an existing .gguf file, an HF directory "
         f"or a hub id in the local Hugging Face cache"

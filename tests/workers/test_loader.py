@@ -273,6 +273,23 @@ def test_gguf_file_path_converts_like_alias(tmp_path, smollm2_dir):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_hub_id_resolves_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub id already in the local HF cache resolves to its `main` snapshot directory, found
+    on disk (the cache layout huggingface-cli writes); nothing is fetched."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--someone--cached-model"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert resolve_model("someone/cached-model") == str(snap)
+    with pytest.raises(ValueError, match="^model: 'someone/other' is not in the local Hugging Face cache"):
+        resolve_model("someone/other")
+
+
 def test_bad_sources_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="^model: GGUF file .* does not exist"):
         resolve_model(str(tmp_path / "nope.gguf"))
