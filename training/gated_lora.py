@@ -105,6 +105,11 @@ def prepare_model(model, rank: int = 32, alpha: float = 64.0):
     for p in model.parameters():
         p.requires_grad_(False)
     model.add_lora(rank, alpha, TARGETS, init_b_zero=True)
+    return lora_params(model)
+
+
+def lora_params(model) -> list:
+    """Every LoRA weight of `model`, made trainable (again: `load_adapter` attaches frozen ones)."""
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)

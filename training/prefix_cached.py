@@ -55,21 +55,9 @@ def _attend(attn, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
     return o[0].transpose(0, 1).reshape(q.shape[0], -1)
 
 
-@torch.no_grad()
 def real_kv(model: CausalLM, seq: list[int], prompt_len: int) -> RealKV:
-    dev = model.lm_head.weight.device
-    ids = torch.tensor(seq, device=dev)
-    cos, sin = model.rotary(torch.arange(len(seq), device=dev))
-    x = model.model.embed_tokens(ids)  # [L, H]
-    keys, values = [], []
-    for layer in model.model.layers:
-        a = layer.self_attn
-        q, k, v = _qkv(a, layer.input_layernorm(x), cos, sin, None)
-        x = x + a.o_proj(_attend(a, q, k, v, None))
-        x = x + layer.mlp(layer.post_attention_layernorm(x), None)
-        keys.append(k)
-        values.append(v)
-    return RealKV(seq, prompt_len, keys, values)
+    """The frozen per-layer K/V of one sequence's real rows (a batch of one of `real_kv_batch`)."""
+    return unstack(seq, prompt_len, real_kv_batch(model, [seq])[0], model.lm_head.weight.dtype)
 
 
 @torch.no_grad()

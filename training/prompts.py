@@ -69,7 +69,7 @@ def train_only_prompts() -> list[str]:
     return [p for p in out if p not in held]
 
 
-# Third widening (for the GPU-built data set): many more topics and task templates, same rule --
+# Third widening (`--wide`): many more topics and task templates, same rule --
 # never a held-out prompt. Topics span science, daily life, history, arts, tech and places;
 # templates span explaining, listing, creative writing, advice, comparison and short answers.
 WIDE_TOPICS = [

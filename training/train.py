@@ -31,21 +31,6 @@ def load_rows(path: Path) -> list[tuple[list[int], int]]:
     return rows
 
 
-def init_lora(model, adapter_dir: Path) -> None:
-    """Copies a PEFT adapter's lora_A / lora_B into the model's (already added, trainable) LoRA."""
-    from safetensors.torch import load_file
-
-    from workers.loader import _PEFT_PREFIX
-
-    mods = dict(model.named_modules())
-    for key, w in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
-        name, which, _ = key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)
-        dst = getattr(mods[name], which)
-        if dst.shape != w.shape:
-            raise ValueError(f"init-adapter: {key} has shape {tuple(w.shape)}, the model's is {tuple(dst.shape)}")
-        dst.data.copy_(w)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objective", choices=["gated-lora", "idlm"], default="gated-lora")
@@ -77,7 +62,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(a.threads)
 
     from workers.aliases import default_mask_token_id
-    from workers.loader import load_model, resolve_model, save_adapter
+    from workers.loader import load_adapter, load_model, resolve_model, save_adapter
 
     model_dir = resolve_model(a.model)
     model, cfg = load_model(model_dir, device=a.device)
@@ -96,7 +81,11 @@ def main(argv=None) -> None:
 
         params = obj.prepare_model(model, a.rank, a.alpha)
         if a.init_adapter:  # warm start from a PEFT adapter of the same rank (e.g. a CPU-trained one)
-            init_lora(model, Path(a.init_adapter))
+            info = load_adapter(model, a.init_adapter)  # the engine's loader: same validation
+            if (info.rank, info.alpha) != (a.rank, a.alpha):
+                raise ValueError(f"init-adapter: rank {info.rank} alpha {info.alpha}, the run's are "
+                                 f"{a.rank} and {a.alpha}")
+            params = obj.lora_params(model)
             init_cfg = json.loads((Path(a.init_adapter) / "adapter_config.json").read_text())
             init_steps = init_cfg.get("idlm", {}).get("train_steps", 0)
         kv_cache: dict[int, torch.Tensor] = {}  # row -> frozen real-row K/V [layers, 2, L, Hkv, D] fp16

@@ -248,3 +248,37 @@ def test_load_rows_stops_at_a_partial_last_line(tmp_path):
     row = {"prompt": "p", "prompt_ids": [1, 2], "response_ids": [3, 4, 5], "text": "x"}
     f.write_text(json.dumps(row) + "\n" + json.dumps(row)[:20])  # the builder is mid-write
     assert load_rows(f) == [([1, 2, 3, 4, 5], 2)]
+
+
+def test_train_cli_warm_start_and_kv_cache_cap(tmp_path):
+    """The CLI end to end on a tiny I-DLM-shaped model directory: a run with the real-row K/V cache
+    capped at 0 bytes (every entry evicted after its step) trains and saves; a second run started
+    from that adapter with lr 0 saves the same weights and counts both runs' steps; a rank that
+    does not match the adapter's is refused by name."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from tests.models import make_tiny_model_dir
+    from training.train import main as train_main
+
+    d = make_tiny_model_dir(tmp_path / "m", "sdar")
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "train.jsonl", "w") as f:
+        for p in random_prompts(6, 300, lo=16, hi=30, seed=3):
+            f.write(json.dumps({"prompt": "p", "prompt_ids": p[:4], "response_ids": p[4:], "text": ""}) + "\n")
+    common = ["--model", d, "--data", str(data), "--group", "3", "--cuts", "4", "--batch", "2",
+              "--rank", "4", "--alpha", "8", "--threads", "1", "--device", "cpu"]
+    train_main(common + ["--steps", "3", "--kv-cache-gb", "0", "--out", str(tmp_path / "r1")])
+    train_main(common + ["--steps", "2", "--lr", "0", "--init-adapter", str(tmp_path / "r1" / "adapter"),
+                         "--out", str(tmp_path / "r2")])
+    a = load_file(str(tmp_path / "r1" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "r2" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "r2" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["idlm"]["train_steps"] == 5
+    with pytest.raises(ValueError, match="init-adapter: rank 4"):
+        train_main(common + ["--rank", "8", "--steps", "1", "--init-adapter", str(tmp_path / "r1" / "adapter"),
+                          "--out", str(tmp_path / "r3")])
