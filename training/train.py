@@ -142,9 +142,11 @@ def main(argv=None) -> None:
                 for i, kv in zip(chunk, prefix_cached.real_kv_batch(model, [rows[i][0] for i in chunk])):
                     kv_cache[i] = kv.to(torch.float16)
                     kv_bytes += kv_cache[i].nbytes
-            # evict the oldest entries past the cap, never one this step still needs
-            for i in list(kv_cache):
-                if kv_bytes <= a.kv_cache_gb * 2**30:
+            # evict the oldest entries past the cap, never one this step still needs (the key list
+            # is only built when over the cap: most steps are under it)
+            cap = a.kv_cache_gb * 2**30
+            for i in list(kv_cache) if kv_bytes > cap else []:
+                if kv_bytes <= cap:
                     break
                 if i not in picks:
                     kv_bytes -= kv_cache.pop(i).nbytes
