@@ -1,7 +1,8 @@
 """Gated-LoRA training with a cached real prefix: the fast path of the R-ISD objective.
 
-Owns: `RealKV` (per-layer K/V of a training sequence's real rows, computed once with the frozen
-base weights) and `mask_rows_loss` (forward + loss of MASK groups against that cache).
+Owns: `RealKV` (per-layer K/V and final hidden states of a training sequence's real rows, computed
+once with the frozen base weights) and `mask_rows_loss` (forward + loss of MASK groups against that
+cache: hard-label CE, optionally mixed with distillation from the base model's own distributions).
 
 Why this is exact and fast: the gated LoRA applies only at MASK rows, so the real rows' hidden
 states and K/V do not depend on any trainable parameter. The packed dense objective of
@@ -13,6 +14,13 @@ block and as `gated_lora.pack_example`. With the base frozen, the backward pass 
 gradients for the base either, so a MASK row costs about two forward rows.
 
 MASK row j of the group cut at t sits at position t+1+j and predicts x_{t+2+j}.
+
+Distillation (`distill` > 0): the data are the base model's greedy continuations, so the real row
+t+1+j's base distribution p(. | x_0..x_{t+1+j}) is exactly the distribution the MASK row is asked to
+reproduce (its argmax is the label). Its full shape -- the runner-up tokens, how close a near-tie is
+-- is free here (the real rows' final hidden states are cached with their K/V; one no-grad lm_head
+product per MASK row) and carries more per row than the one-hot label, which matters once the data
+is seen for a second and third epoch. The per-row loss is (1-distill)*CE + distill*KL(p_base||q).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class RealKV:
     prompt_len: int
     keys: list[torch.Tensor]  # per layer [L, Hkv, D] (after k-norm and rotary)
     values: list[torch.Tensor]  # per layer [L, Hkv, D]
+    hidden: torch.Tensor  # [L, H] final (normed) hidden states: compute_logits gives p_base per row
 
 
 def _qkv(attn, xn: torch.Tensor, cos, sin, rows: torch.Tensor | None):
@@ -56,15 +65,16 @@ def _attend(attn, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
 
 
 def real_kv(model: CausalLM, seq: list[int], prompt_len: int) -> RealKV:
-    """The frozen per-layer K/V of one sequence's real rows (a batch of one of `real_kv_batch`)."""
+    """The frozen K/V and hidden states of one sequence's real rows (`real_kv_batch` of one)."""
     return unstack(seq, prompt_len, real_kv_batch(model, [seq])[0], model.lm_head.weight.dtype)
 
 
 @torch.no_grad()
-def real_kv_batch(model: CausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
+def real_kv_batch(model: CausalLM, seqs: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`real_kv` of several sequences in one padded forward (right padding cannot reach a real row
-    under causal attention). Returns per sequence ONE stacked tensor [layers, 2, L, Hkv, D] (keys,
-    values): a cache entry that `unstack` turns back into a `RealKV` with one dtype cast."""
+    under causal attention). Returns per sequence a cache entry that `unstack` turns back into a
+    `RealKV`: ONE stacked K/V tensor [layers, 2, L, Hkv, D] (one dtype cast) and the final normed
+    hidden states [L, H]."""
     dev = model.lm_head.weight.device
     B, T = len(seqs), max(len(s) for s in seqs)
     ids = torch.zeros(B, T, dtype=torch.long, device=dev)
@@ -84,29 +94,37 @@ def real_kv_batch(model: CausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
         x = x + layer.mlp(layer.post_attention_layernorm(x), None)
         kvs.append(torch.stack([k.view(B, T, a.nkv, a.hd), v.view(B, T, a.nkv, a.hd)], 1))  # [B, 2, T, Hkv, D]
     full = torch.stack(kvs, 1)  # [B, layers, 2, T, Hkv, D]
-    return [full[b, :, :, : len(s)].clone() for b, s in enumerate(seqs)]
+    hid = model.model.norm(x).view(B, T, -1)  # [B, T, H]
+    return [(full[b, :, :, : len(s)].clone(), hid[b, : len(s)].clone()) for b, s in enumerate(seqs)]
 
 
-def unstack(seq: list[int], prompt_len: int, kv: torch.Tensor, dtype=torch.float32) -> RealKV:
-    """A `real_kv_batch` entry [layers, 2, L, Hkv, D] as a `RealKV` in `dtype`."""
-    kv = kv.to(dtype)
-    return RealKV(seq, prompt_len, list(kv[:, 0]), list(kv[:, 1]))
+def unstack(seq: list[int], prompt_len: int, entry: tuple[torch.Tensor, torch.Tensor],
+            dtype=torch.float32) -> RealKV:
+    """A `real_kv_batch` entry (K/V [layers, 2, L, Hkv, D], hidden [L, H]) as a `RealKV` in `dtype`."""
+    kv, hid = entry[0].to(dtype), entry[1].to(dtype)
+    return RealKV(seq, prompt_len, list(kv[:, 0]), list(kv[:, 1]), hid)
 
 
 def mask_rows_loss(
-    model: CausalLM, kv: RealKV, cuts: list[int], group: int, mask_id: int, decay: float = 0.8
+    model: CausalLM, kv: RealKV, cuts: list[int], group: int, mask_id: int, decay: float = 0.8,
+    distill: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of `group` MASK rows after each cut t (t = index of the last real row they see)."""
-    return mask_rows_loss_batch(model, [kv], [cuts], group, mask_id, decay)
+    return mask_rows_loss_batch(model, [kv], [cuts], group, mask_id, decay, distill)
 
 
 def mask_rows_loss_batch(
-    model: CausalLM, kvs: list[RealKV], cuts: list[list[int]], group: int, mask_id: int, decay: float = 0.8
+    model: CausalLM, kvs: list[RealKV], cuts: list[list[int]], group: int, mask_id: int, decay: float = 0.8,
+    distill: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`mask_rows_loss` of several sequences in ONE forward: their real K/V are concatenated on the
     key axis and each MASK row only sees its own sequence's rows (a block-diagonal mask), so on a GPU
     a batch costs about one sequence's kernel launches. The loss is the mean over sequences of each
-    sequence's decay-weighted mean CE -- the same value as averaging `mask_rows_loss` per sequence."""
+    sequence's decay-weighted mean CE -- the same value as averaging `mask_rows_loss` per sequence.
+    With `distill` in (0, 1], each row's CE becomes (1-distill)*CE + distill*KL(p_base || q), p_base
+    the frozen base's distribution at the real row t+1+j (see the module docstring)."""
+    if not 0.0 <= distill <= 1.0:
+        raise ValueError(f"distill: {distill} is not in [0, 1]")
     dev = model.lm_head.weight.device
     keep = [(kv, c) for kv, c in zip(kvs, cuts) if c]
     if not keep:
@@ -149,6 +167,12 @@ def mask_rows_loss_batch(
     sel = labels != -100
     logits = model.compute_logits(model.model.norm(x[sel])).float()  # [R', V]
     ce = F.cross_entropy(logits, labels[sel], reduction="none")
+    if distill > 0:
+        with torch.no_grad():  # teacher: real row t+1+j of the same sequence (frozen base)
+            hid = torch.cat([kv.hidden for kv, _ in keep])  # [sum L, H]
+            p_log = F.log_softmax(model.compute_logits(hid[(off[sid] + pos)[sel]]).float(), -1)  # [R', V]
+        kl = (p_log.exp() * (p_log - F.log_softmax(logits, -1))).sum(-1)  # [R']
+        ce = (1 - distill) * ce + distill * kl
     w = decay ** j[sel].float()
     s_sel = sid[sel]
     num = torch.zeros(B, device=dev).index_add(0, s_sel, ce * w)  # [B] weighted CE sum per sequence
@@ -159,4 +183,6 @@ def mask_rows_loss_batch(
         hit = (logits.argmax(-1) == labels[sel]).float()
         js = j[sel]
         stats = {f"acc{o}": hit[js == o].mean().item() for o in range(min(group, 4)) if (js == o).any()}
+        if distill > 0:  # the teacher's argmax is the label wherever the data are greedy base output
+            stats["teacher_agree"] = (p_log.argmax(-1) == labels[sel]).float().mean().item()
     return loss, stats

@@ -45,6 +45,10 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--decay", type=float, default=0.8)
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="gated-lora: weight in [0, 1] of KL to the base's own distribution (rest: CE)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="row/cut sampling seed: a warm-started stage on the same rows wants a new one")
     ap.add_argument("--out", default="runs/smollm2-risd")
     ap.add_argument("--export", default="")
     ap.add_argument("--resume", action="store_true")
@@ -88,8 +92,9 @@ def main(argv=None) -> None:
             params = obj.lora_params(model)
             init_cfg = json.loads((Path(a.init_adapter) / "adapter_config.json").read_text())
             init_steps = init_cfg.get("idlm", {}).get("train_steps", 0)
-        kv_cache: dict[int, torch.Tensor] = {}  # row -> frozen real-row K/V [layers, 2, L, Hkv, D] fp16
-        kv_bytes = 0  # ~5.8 MB a 250-token row on SmolLM2-135M: a wide data set does not fit whole
+        # row -> frozen real rows' (K/V [layers, 2, L, Hkv, D], hidden [L, H]), fp16
+        kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        kv_bytes = 0  # ~6 MB a 250-token row on SmolLM2-135M: a wide data set does not fit whole
     else:
         from training import idlm_objective as obj
 
@@ -99,7 +104,7 @@ def main(argv=None) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(a.steps, 1))
     )
-    step, rng = 0, random.Random(0)
+    step, rng = 0, random.Random(a.seed)
     ck = out / "ckpt.pt"
     if a.resume and ck.exists():
         st = torch.load(ck, map_location=a.device, weights_only=False)
@@ -140,8 +145,8 @@ def main(argv=None) -> None:
             for j in range(0, len(todo), 64):  # first visits: one padded no-grad forward per 64
                 chunk = sorted(set(todo[j : j + 64]))
                 for i, kv in zip(chunk, prefix_cached.real_kv_batch(model, [rows[i][0] for i in chunk])):
-                    kv_cache[i] = kv.to(torch.float16)
-                    kv_bytes += kv_cache[i].nbytes
+                    kv_cache[i] = tuple(t.to(torch.float16) for t in kv)
+                    kv_bytes += sum(t.nbytes for t in kv_cache[i])
             # evict the oldest entries past the cap, never one this step still needs (the key list
             # is only built when over the cap: most steps are under it)
             cap = a.kv_cache_gb * 2**30
@@ -149,7 +154,7 @@ def main(argv=None) -> None:
                 if kv_bytes <= cap:
                     break
                 if i not in picks:
-                    kv_bytes -= kv_cache.pop(i).nbytes
+                    kv_bytes -= sum(t.nbytes for t in kv_cache.pop(i))
             for i in picks:
                 seq, plen = rows[i]
                 cuts = obj.sample_cuts(plen, len(seq), a.cuts, rng)
@@ -158,7 +163,8 @@ def main(argv=None) -> None:
                     cut_lists.append(cuts)
             if not kvs:
                 continue
-            loss, stats = prefix_cached.mask_rows_loss_batch(model, kvs, cut_lists, a.group, mask_id, a.decay)
+            loss, stats = prefix_cached.mask_rows_loss_batch(
+                model, kvs, cut_lists, a.group, mask_id, a.decay, a.distill)
             loss.backward()
         else:
             ex = [rows[i] for i in picks]

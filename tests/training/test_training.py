@@ -215,9 +215,44 @@ def test_real_kv_batch_equals_per_sequence():
     for s, kv in zip(seqs, got):
         ref = prefix_cached.real_kv(lm.model, s, 2)
         u = prefix_cached.unstack(s, 2, kv)
-        assert kv.shape[2] == len(s)
-        for a, b in zip(u.keys + u.values, ref.keys + ref.values):
+        assert kv[0].shape[2] == len(s) and u.hidden.shape[0] == len(s)
+        for a, b in zip(u.keys + u.values + [u.hidden], ref.keys + ref.values + [ref.hidden]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_distill_loss_equals_hand_written_kl(family):
+    """`distill` mixes CE with KL(p_base || q): p_base is the base model's own next-token distribution
+    at the real row t+1+j (taken here from a plain causal forward of the whole sequence, with no
+    LoRA anywhere), q the MASK row's (taken from the packed dense objective); decay-weighted mean."""
+    from training import prefix_cached
+
+    lm, model, params = _lora_model(family)
+    seq, plen, group = random_prompts(1, 64, lo=20, hi=21, seed=6)[0], 5, 3
+    cuts = [4, 9, 16]
+    ids, pos, mask, lora, labels = gated_lora.pack_example(seq, plen, cuts, group, lm.mask_token_id)
+    with torch.no_grad():
+        L = len(seq)
+        full = model(torch.tensor(seq)[None], torch.arange(L)[None],
+                     dense_mask=torch.ones(L, L, dtype=torch.bool).tril()[None],
+                     lora_mask=torch.zeros(1, L, dtype=torch.bool))[0]  # [L, H]
+        p_log = torch.log_softmax(model.compute_logits(full).float(), -1)  # [L, V]
+        h = model(ids[None], pos[None], dense_mask=mask[None], lora_mask=lora[None])[0]
+    sel = labels != -100
+    q_log = torch.log_softmax(model.compute_logits(h[sel]).float(), -1)
+    teacher = p_log[pos[sel]]  # MASK row at position t+1+j <- real row t+1+j
+    kl = (teacher.exp() * (teacher - q_log)).sum(-1)
+    ce = -q_log.gather(1, labels[sel][:, None])[:, 0]
+    w = 0.8 ** ((torch.arange(len(ids)) - L) % group)[sel].float()
+    kv = prefix_cached.real_kv(model, seq, plen)
+    for lam in (1.0, 0.3):
+        got, stats = prefix_cached.mask_rows_loss(model, kv, cuts, group, lm.mask_token_id, distill=lam)
+        ref = (((1 - lam) * ce + lam * kl) * w).sum() / w.sum()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert 0.0 <= stats["teacher_agree"] <= 1.0
+    assert torch.autograd.grad(got, params)[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="distill"):
+        prefix_cached.mask_rows_loss(model, kv, cuts, group, lm.mask_token_id, distill=1.5)
 
 
 def test_wide_prompts_never_heldout_and_prefix_spans_topics():
