@@ -166,12 +166,13 @@ def mask_rows_loss_batch(
         x = x + layer.mlp(layer.post_attention_layernorm(x), rows)
     sel = labels != -100
     logits = model.compute_logits(model.model.norm(x[sel])).float()  # [R', V]
-    ce = F.cross_entropy(logits, labels[sel], reduction="none")
+    q_log = F.log_softmax(logits, -1)  # [R', V] once, for the CE and the KL
+    ce = F.nll_loss(q_log, labels[sel], reduction="none")
     if distill > 0:
         with torch.no_grad():  # teacher: real row t+1+j of the same sequence (frozen base)
             hid = torch.cat([kv.hidden for kv, _ in keep])  # [sum L, H]
             p_log = F.log_softmax(model.compute_logits(hid[(off[sid] + pos)[sel]]).float(), -1)  # [R', V]
-        kl = (p_log.exp() * (p_log - F.log_softmax(logits, -1))).sum(-1)  # [R']
+        kl = F.kl_div(q_log, p_log, reduction="none", log_target=True).sum(-1)  # [R'] KL(p_base || q)
         ce = (1 - distill) * ce + distill * kl
     w = decay ** j[sel].float()
     s_sel = sid[sel]
