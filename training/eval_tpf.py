@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         print(json.dumps(rep), flush=True)
         report[n] = rep
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
+        Path(a.json).write_text(json.dumps(dict(sorted(report.items())), indent=2) + "\n")  # by N, any --stride order
 
 
 if __name__ == "__main__":

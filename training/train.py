@@ -63,6 +63,8 @@ def main(argv=None) -> None:
                     help="adapter file dtype (float16 halves the file; the engine casts on load)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
+    if not 0.0 <= a.distill <= 1.0 or (a.distill and a.objective != "gated-lora"):
+        ap.error(f"--distill: {a.distill} must be in [0, 1] and is only for --objective gated-lora")
     torch.set_num_threads(a.threads)
 
     from workers.aliases import default_mask_token_id

@@ -317,3 +317,15 @@ def test_train_cli_warm_start_and_kv_cache_cap(tmp_path):
     with pytest.raises(ValueError, match="init-adapter: rank 4"):
         train_main(common + ["--rank", "8", "--steps", "1", "--init-adapter", str(tmp_path / "r1" / "adapter"),
                           "--out", str(tmp_path / "r3")])
+
+
+@pytest.mark.parametrize("extra", [["--distill", "1.5"], ["--distill", "-0.1"], ["--objective", "idlm", "--distill", "0.5"]])
+def test_train_cli_refuses_bad_distill_before_loading(extra, tmp_path, capsys):
+    """A bad `--distill` is an argparse error naming the flag, before any model or data is read
+    (the model path does not exist), and `idlm` (which has no teacher rows) refuses it too."""
+    from training.train import main as train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "r")] + extra)
+    assert e.value.code == 2 and "--distill" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
