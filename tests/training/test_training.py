@@ -329,3 +329,47 @@ def test_train_cli_refuses_bad_distill_before_loading(extra, tmp_path, capsys):
         train_main(["--model", str(tmp_path / "none"), "--out", str(tmp_path / "r")] + extra)
     assert e.value.code == 2 and "--distill" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_average_adapters_mean_config_and_mismatch(tmp_path):
+    """`training.average`: the written adapter is the element-wise mean of its inputs (fp16 in,
+    fp16 out, accumulated in fp32), the engine's loader takes it, the config keeps the lineage's
+    latest train_steps and lists all of them, and adapters of different rank or stride are refused
+    by field name with nothing written."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from training.average import main as average_main
+    from workers.loader import load_adapter, save_adapter
+
+    def adapter(name, rank, stride, steps, seed):
+        lm = tiny_loaded("llama", vocab_size=64)
+        gated_lora.prepare_model(lm.model, rank=rank, alpha=8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in lm.model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.1)
+        save_adapter(lm.model, tmp_path / name, lm.mask_token_id, stride=stride,
+                     extra={"train_steps": steps, "group": 3}, dtype=torch.float16)
+        return str(tmp_path / name)
+
+    a, b = adapter("a", 4, 4, 10, 0), adapter("b", 4, 4, 30, 1)
+    average_main([a, b, "--out", str(tmp_path / "avg")])
+    wa, wb = (load_file(f"{d}/adapter_model.safetensors") for d in (a, b))
+    avg = load_file(str(tmp_path / "avg" / "adapter_model.safetensors"))
+    assert avg.keys() == wa.keys() and all(v.dtype == torch.float16 for v in avg.values())
+    assert all(torch.equal(avg[k], ((wa[k].float() + wb[k].float()) / 2).half()) for k in wa)
+    assert not all(torch.equal(avg[k], wa[k]) for k in wa)
+    cfg = json.loads((tmp_path / "avg" / "adapter_config.json").read_text())
+    assert cfg["idlm"]["train_steps"] == 30 and cfg["idlm"]["averaged_train_steps"] == [10, 30]
+    lm = tiny_loaded("llama", vocab_size=64)
+    gated_lora.prepare_model(lm.model, rank=4, alpha=8)
+    assert load_adapter(lm.model, tmp_path / "avg").rank == 4
+    for other, field in ((adapter("r8", 8, 4, 5, 2), "r="), (adapter("s2", 4, 2, 5, 3), "idlm.stride=")):
+        with pytest.raises(ValueError, match=field):
+            average_main([a, other, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="at least two"):
+        average_main([a, "--out", str(tmp_path / "bad")])
