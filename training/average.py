@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from workers.loader import read_adapter_files, write_adapter_files
 
 # adapter_config.json fields (top level, then under "idlm") that averaged adapters must share
 _SAME = ("peft_type", "r", "lora_alpha", "target_modules", "use_rslora")
@@ -30,14 +30,7 @@ def average_adapters(dirs: list[str | Path], out: str | Path) -> dict:
     latest stage) and `idlm.averaged_train_steps` lists every input's."""
     if len(dirs) < 2:
         raise ValueError("average: needs at least two adapters")
-    cfgs, weights = [], []
-    for d in map(Path, dirs):
-        cf, wf = d / "adapter_config.json", d / "adapter_model.safetensors"
-        if not cf.exists() or not wf.exists():
-            raise ValueError(f"average: {d} is not an adapter directory (adapter_config.json + "
-                             f"adapter_model.safetensors)")
-        cfgs.append(json.loads(cf.read_text()))
-        weights.append(load_file(str(wf)))
+    cfgs, weights = zip(*(read_adapter_files(d) for d in dirs))
     first, w0 = cfgs[0], weights[0]
     for d, cfg, w in zip(dirs[1:], cfgs[1:], weights[1:]):
         for k in _SAME:
@@ -60,10 +53,7 @@ def average_adapters(dirs: list[str | Path], out: str | Path) -> dict:
     steps = [int((c.get("idlm") or {}).get("train_steps", 0)) for c in cfgs]
     config = {**first, "idlm": {**(first.get("idlm") or {}), "train_steps": max(steps),
                                 "averaged_train_steps": steps}}
-    o = Path(out)
-    o.mkdir(parents=True, exist_ok=True)
-    save_file(mean, str(o / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (o / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_adapter_files(out, config, mean)
     return config
 
 

@@ -278,6 +278,30 @@ class AdapterInfo:
     stride: int | None
 
 
+_ADAPTER_CONFIG, _ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def read_adapter_files(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The PEFT adapter directory as stored: (adapter_config, {tensor name: tensor}) on the CPU in
+    the stored dtype. Raises ValueError naming the missing file."""
+    d = Path(adapter_dir)
+    cfg = _read_json(d / _ADAPTER_CONFIG)
+    if not cfg:
+        raise ValueError(f"adapter: {d} has no {_ADAPTER_CONFIG}")
+    if not (d / _ADAPTER_WEIGHTS).exists():
+        raise ValueError(f"adapter: {d} has no {_ADAPTER_WEIGHTS}")
+    return cfg, load_file(str(d / _ADAPTER_WEIGHTS))
+
+
+def write_adapter_files(adapter_dir: str | os.PathLike, config: dict,
+                        tensors: dict[str, torch.Tensor]) -> None:
+    """Writes a PEFT adapter directory (the inverse of `read_adapter_files`)."""
+    d = Path(adapter_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(d / _ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (d / _ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
 def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo:
     """Attaches a PEFT LoRA adapter to `model`'s `LoRALinear` projections as a *gated* LoRA.
 
@@ -286,9 +310,7 @@ def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo
     `"idlm": {"mask_token_id": int, "stride": int}` naming the token used as MASK.
     """
     d = Path(adapter_dir)
-    cfg = _read_json(d / "adapter_config.json")
-    if not cfg:
-        raise ValueError(f"adapter: {d} has no adapter_config.json")
+    cfg, weights = read_adapter_files(d)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"adapter: {d} is a {cfg['peft_type']} adapter; only LoRA is supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern") or cfg.get("use_dora"):
@@ -298,10 +320,6 @@ def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
-    wfile = d / "adapter_model.safetensors"
-    if not wfile.exists():
-        raise ValueError(f"adapter: {d} has no adapter_model.safetensors")
-    weights = load_file(str(wfile))
     mods = dict(model.named_modules())
     dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
     # Validate everything before touching the model so a bad adapter leaves it unchanged.
@@ -357,8 +375,6 @@ def save_adapter(
     if len(shapes) != 1:  # PEFT's config holds one r and one alpha for all modules
         raise ValueError(f"adapter: LoRA modules differ in (rank, scaling): {sorted(shapes)}")
     ((rank, scaling),) = shapes
-    d.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -372,4 +388,4 @@ def save_adapter(
         "inference_mode": True,
         "idlm": {"mask_token_id": mask_token_id, "stride": stride, "gated": "mask_rows", **(extra or {})},
     }
-    (d / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    write_adapter_files(d, config, tensors)
