@@ -17,7 +17,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.prompts import all_prompts, train_only_prompts, wide_train_prompts
+from training.prompts import (
+    all_prompts,
+    novel_prompts,
+    train_only_prompts,
+    wide_train_prompts,
+    wider_train_prompts,
+)
 
 
 def main(argv=None) -> None:
@@ -30,6 +36,10 @@ def main(argv=None) -> None:
     ap.add_argument("--no-extra", action="store_true", help="train split: only the 230 base prompts")
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--wide", action="store_true", help="train split: base + every wide topic x template prompt")
+    ap.add_argument("--wider", action="store_true",
+                    help="train split: --wide plus the fourth widening's new topics and templates")
+    ap.add_argument("--novel", action="store_true",
+                    help="write only OUT/novel.jsonl: the novel evaluation split (prompts.novel_prompts)")
     ap.add_argument("--keep-heldout", action="store_true",
                     help="do not regenerate OUT/heldout.jsonl (the evaluation reference stays as committed)")
     ap.add_argument("--resume", action="store_true",
@@ -46,7 +56,12 @@ def main(argv=None) -> None:
     prompts = all_prompts()
     random.Random(0).shuffle(prompts)  # fixed shuffle: its last --heldout prompts are held out
     heldout = prompts[len(prompts) - a.heldout :]
-    extra = [] if a.no_extra else (wide_train_prompts() if a.wide else train_only_prompts())
+    if a.no_extra:
+        extra = []
+    elif a.wider:
+        extra = wider_train_prompts()
+    else:
+        extra = wide_train_prompts() if a.wide else train_only_prompts()
     train = prompts[: len(prompts) - a.heldout] + extra
     out = Path(a.out)
     done: list[str] = []
@@ -66,11 +81,14 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # the held-out split first (small), then the train split batch by batch, so training can start
     # early
-    splits = ("train",) if a.keep_heldout else ("train", "heldout")
-    files = {name: open(out / f"{name}.jsonl", "a" if a.resume else "w") for name in splits}
-    t0, ntok, counts = time.time(), 0, {"train": 0, "heldout": 0}
-    work = [] if a.keep_heldout else [("heldout", heldout[i : i + a.batch]) for i in range(0, len(heldout), a.batch)]
-    work += [("train", train[i : i + a.batch]) for i in range(0, len(train), a.batch)]
+    if a.novel:  # the novel split alone: train.jsonl, heldout.jsonl and meta.json are left as they are
+        splits, work = ("novel",), [("novel", novel_prompts())]
+    else:
+        splits = ("train",) if a.keep_heldout else ("train", "heldout")
+        work = [] if a.keep_heldout else [("heldout", heldout[i : i + a.batch]) for i in range(0, len(heldout), a.batch)]
+        work += [("train", train[i : i + a.batch]) for i in range(0, len(train), a.batch)]
+    files = {name: open(out / f"{name}.jsonl", "a" if a.resume and name == "train" else "w") for name in splits}
+    t0, ntok, counts = time.time(), 0, {"train": 0, "heldout": 0, "novel": 0}
     for split, chunk in tqdm(work, desc="generate"):
         ids = [llm.encode_chat([{"role": "user", "content": p}]) for p in chunk]
         res = llm.generate(ids, sp)
@@ -83,6 +101,9 @@ def main(argv=None) -> None:
     for f in files.values():
         f.close()
     dt = time.time() - t0
+    if a.novel:
+        print(json.dumps({"n_novel": counts["novel"], "gen_tokens": ntok, "gen_seconds": round(dt, 1)}))
+        return
     if a.resume:
         # meta describes the whole file: earlier runs' rows and timings are added in
         prev = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
@@ -93,7 +114,7 @@ def main(argv=None) -> None:
         counts["heldout"] = sum(1 for _ in open(out / "heldout.jsonl"))
     meta = {"model": a.model, "n_train": counts["train"], "n_heldout": counts["heldout"], "gen_tokens": ntok,
             "gen_seconds": round(dt, 1), "tokens_per_s": round(ntok / dt, 1), "max_tokens": a.max_tokens,
-            "device": a.device, "dtype": a.dtype, "prompts": "wide" if a.wide else "base+extra"}
+            "device": a.device, "dtype": a.dtype, "prompts": "wider" if a.wider else "wide" if a.wide else "base+extra"}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta))
 

@@ -1,6 +1,7 @@
 """R-ISD evaluation on the held-out prompts (greedy, our engine):
 
     python -m training.eval_tpf --model smollm2 --adapter workers/adapters/smollm2-risd --stride 4
+    python -m training.eval_tpf --split novel --stride 4   # prompts unlike any training prompt
 
 Prints TPF, per-position acceptance and rounds by kind, and checks that the R-ISD greedy text equals
 the AR greedy text (the stored held-out responses were produced by the engine in mode="ar" with the
@@ -26,6 +27,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=0,
                     help="default: the data builder's (meta.json), so the stored AR responses are the reference")
     ap.add_argument("--heldout", type=int, default=60)
+    ap.add_argument("--split", choices=["heldout", "novel"], default="heldout",
+                    help="DATA/SPLIT.jsonl: heldout (unseen pairings of trained topics and templates) or "
+                         "novel (topics and templates no training prompt has; `training.data --novel`)")
     ap.add_argument("--recompute-ar", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -40,8 +44,10 @@ def main(argv=None) -> None:
     meta = Path(a.data) / "meta.json"
     if not a.max_tokens:
         a.max_tokens = json.loads(meta.read_text())["max_tokens"] if meta.exists() else 128
-    held = Path(a.data) / "heldout.jsonl"
+    held = Path(a.data) / f"{a.split}.jsonl"
     rows = [json.loads(x) for x in open(held)] if held.exists() else []
+    if not rows and a.split == "novel":
+        raise SystemExit(f"--split novel: {held} is missing; build it with `python -m training.data --novel`")
     if not rows:  # data builder has not produced the held-out split: same prompts, AR recomputed
         import random
 

@@ -141,3 +141,71 @@ def wide_train_prompts() -> list[str]:
             rest.append(p)
     random.Random(1).shuffle(rest)
     return first + rest
+
+
+# Fourth widening (`--wider`): new templates over every topic above and new topics over every
+# template, same rule -- never a held-out prompt. Appended after the wide set in its own fixed
+# shuffle, so `--resume` on a split built with `--wide` generates only these.
+WIDER_TOPICS = [
+    "penguins in Antarctica", "the Internet of Things", "glass making", "sea turtles", "archery",
+    "the Great Barrier Reef", "earthworms", "paper", "the Roman aqueducts", "hot air balloons",
+    "the printing of money", "jellyfish", "chess openings", "the rain cycle in cities", "sushi",
+    "the Mars rovers", "knitting", "bats", "lemons", "the Panama Canal", "skateboarding",
+    "radio", "ancient China", "the human ear", "camels", "hydropower", "bird migration",
+    "typewriters", "the Aurora Borealis", "volleyball", "yeast", "the Andes", "tidal pools",
+    "sign language", "umbrellas", "the first computers",
+]
+
+WIDER_TEMPLATES = [
+    "Write a short guide to {t} for a curious beginner.",
+    "What is one thing most people get wrong about {t}?",
+    "Write four bullet points about {t}.",
+    "Explain how {t} works, step by step.",
+    "Write a short thank-you letter to {t}.",
+    "What questions would an expert on {t} ask?",
+    "Give a short example that shows {t}.",
+    "Write a fun fact about {t} and explain it.",
+]
+
+
+def wider_train_prompts() -> list[str]:
+    """`wide_train_prompts()` plus the fourth widening's new topic x template pairs (deduplicated,
+    held-out prompts excluded), those in a fixed shuffle of their own."""
+    first = wide_train_prompts()
+    seen = set(all_prompts()) | set(first)
+    topics = TOPICS + MORE_TOPICS + WIDE_TOPICS + WIDER_TOPICS
+    templates = TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES + WIDER_TEMPLATES
+    rest = []
+    for p in [tpl.format(t=t) for t in topics for tpl in templates]:
+        if p not in seen:
+            seen.add(p)
+            rest.append(p)
+    random.Random(2).shuffle(rest)
+    return first + rest
+
+
+# The novel split (`training.data --novel`, `training.eval_tpf --split novel`): topics and task
+# templates that no training list above uses, paired only with each other, so no training prompt
+# shares a topic or a template with them. The held-out split (a random 60 of `all_prompts()`)
+# measures prompts whose topic and template both occur in training in other pairings; this one
+# measures prompts unlike anything trained on, closer to what a deployment sees.
+NOVEL_TOPICS = [
+    "the Faroe Islands", "the water wheel", "carpentry", "the Dead Sea", "kayaking",
+    "the abacus", "glow worms", "the Trans-Siberian Railway", "maple syrup", "the harmonica",
+]
+
+NOVEL_TEMPLATES = [
+    "What is the most important idea behind {t}?",
+    "Write a short postcard message about {t}.",
+    "Give two reasons someone might enjoy {t}.",
+    "Explain {t} as if you were a museum guide.",
+    "What might surprise a visitor about {t}?",
+    "Write a short FAQ entry about {t}.",
+]
+
+
+def novel_prompts() -> list[str]:
+    """NOVEL_TEMPLATES x NOVEL_TOPICS (60), in a fixed shuffle; disjoint from every training list."""
+    out = [tpl.format(t=t) for t in NOVEL_TOPICS for tpl in NOVEL_TEMPLATES]
+    random.Random(3).shuffle(out)
+    return out

@@ -274,6 +274,47 @@ def test_wide_prompts_never_heldout_and_prefix_spans_topics():
     assert all(any(p == tpl.format(t=t) for p in head for t in WIDE_TOPICS) for tpl in WIDE_TEMPLATES)
 
 
+
+def test_wider_prompts_extend_wide_and_never_heldout():
+    from training.prompts import (
+        WIDER_TEMPLATES,
+        WIDER_TOPICS,
+        all_prompts,
+        wide_train_prompts,
+        wider_train_prompts,
+    )
+
+    wide, wider = wide_train_prompts(), wider_train_prompts()
+    assert wider[: len(wide)] == wide  # `--resume` on a --wide split generates only the new tail
+    tail = wider[len(wide) :]
+    assert len(wider) == len(set(wider)) and len(tail) > 3000
+    assert not set(wider) & set(all_prompts())
+    # every new template over an old held-out topic, every new topic over an old held-out template
+    assert "Explain how the Moon works, step by step." in tail
+    assert "Explain knitting in simple terms." in tail
+    assert all(any(t in p for p in tail[:1000]) for t in WIDER_TOPICS[:10])
+    assert all(any(p.startswith(tpl.split("{t}")[0]) for p in tail[:500]) for tpl in WIDER_TEMPLATES)
+
+
+def test_novel_prompts_share_no_topic_or_template_with_training():
+    from training import prompts as P
+
+    novel = P.novel_prompts()
+    assert len(novel) == len(set(novel)) == 60
+    trained = set(P.all_prompts()) | set(P.wider_train_prompts())
+    assert not set(novel) & trained
+    topics = P.TOPICS + P.MORE_TOPICS + P.WIDE_TOPICS + P.WIDER_TOPICS
+    templates = P.TEMPLATES + P.MORE_TEMPLATES + P.WIDE_TEMPLATES + P.WIDER_TEMPLATES
+    # no novel topic is (or contains, or is contained in) a trained topic; no template is shared
+    assert not [(n, t) for n in P.NOVEL_TOPICS for t in topics if n.lower() in t.lower() or t.lower() in n.lower()]
+    assert not set(P.NOVEL_TEMPLATES) & set(templates)
+    # the committed novel split holds exactly these prompts, with the engine's AR responses
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in open(Path(__file__).parents[2] / "training/data/smollm2/novel.jsonl")]
+    assert [r["prompt"] for r in rows] == novel and all(r["response_ids"] for r in rows)
+
 def test_load_rows_stops_at_a_partial_last_line(tmp_path):
     import json
 
