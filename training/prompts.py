@@ -129,17 +129,19 @@ def wide_train_prompts() -> list[str]:
     held-out prompts excluded. Deterministic order: the narrower lists first, then the new pairs in
     a fixed shuffle, so any prefix (``--limit``, or a generation cut short) spans all topics and
     templates instead of the first few topics."""
-    held = set(all_prompts())
-    topics = TOPICS + MORE_TOPICS + WIDE_TOPICS
-    templates = TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES
-    first = train_only_prompts()
-    seen = held | set(first)
+    return _widen(train_only_prompts(), TOPICS + MORE_TOPICS + WIDE_TOPICS,
+                  TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES, seed=1)
+
+
+def _widen(first: list[str], topics: list[str], templates: list[str], seed: int) -> list[str]:
+    """`first`, then every topic x template pair not in it and not held out, in a fixed shuffle."""
+    seen = set(all_prompts()) | set(first)
     rest = []
     for p in [tpl.format(t=t) for t in topics for tpl in templates]:
         if p not in seen:
             seen.add(p)
             rest.append(p)
-    random.Random(1).shuffle(rest)
+    random.Random(seed).shuffle(rest)
     return first + rest
 
 
@@ -171,17 +173,8 @@ WIDER_TEMPLATES = [
 def wider_train_prompts() -> list[str]:
     """`wide_train_prompts()` plus the fourth widening's new topic x template pairs (deduplicated,
     held-out prompts excluded), those in a fixed shuffle of their own."""
-    first = wide_train_prompts()
-    seen = set(all_prompts()) | set(first)
-    topics = TOPICS + MORE_TOPICS + WIDE_TOPICS + WIDER_TOPICS
-    templates = TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES + WIDER_TEMPLATES
-    rest = []
-    for p in [tpl.format(t=t) for t in topics for tpl in templates]:
-        if p not in seen:
-            seen.add(p)
-            rest.append(p)
-    random.Random(2).shuffle(rest)
-    return first + rest
+    return _widen(wide_train_prompts(), TOPICS + MORE_TOPICS + WIDE_TOPICS + WIDER_TOPICS,
+                  TEMPLATES + MORE_TEMPLATES + WIDE_TEMPLATES + WIDER_TEMPLATES, seed=2)
 
 
 # The novel split (`training.data --novel`, `training.eval_tpf --split novel`): topics and task
