@@ -82,7 +82,8 @@ def main(argv=None) -> None:
     # the held-out split first (small), then the train split batch by batch, so training can start
     # early
     if a.novel:  # the novel split alone: train.jsonl, heldout.jsonl and meta.json are left as they are
-        splits, work = ("novel",), [("novel", novel_prompts())]
+        novel = novel_prompts()
+        splits, work = ("novel",), [("novel", novel[i : i + a.batch]) for i in range(0, len(novel), a.batch)]
     else:
         splits = ("train",) if a.keep_heldout else ("train", "heldout")
         work = [] if a.keep_heldout else [("heldout", heldout[i : i + a.batch]) for i in range(0, len(heldout), a.batch)]

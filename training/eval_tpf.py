@@ -46,16 +46,15 @@ def main(argv=None) -> None:
         a.max_tokens = json.loads(meta.read_text())["max_tokens"] if meta.exists() else 128
     held = Path(a.data) / f"{a.split}.jsonl"
     rows = [json.loads(x) for x in open(held)] if held.exists() else []
-    if not rows and a.split == "novel":
-        raise SystemExit(f"--split novel: {held} is missing; build it with `python -m training.data --novel`")
-    if not rows:  # data builder has not produced the held-out split: same prompts, AR recomputed
+    if not rows:  # the data builder has not produced this split: same prompts, AR recomputed
         import random
 
-        from training.prompts import all_prompts
+        from training.prompts import all_prompts, novel_prompts
 
         ps = all_prompts()
         random.Random(0).shuffle(ps)
-        rows = [{"prompt": p} for p in ps[-a.heldout :]]
+        ps = novel_prompts() if a.split == "novel" else ps[-a.heldout :]
+        rows = [{"prompt": p} for p in ps]
         a.recompute_ar = True
     if a.limit:
         rows = rows[: a.limit]
