@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import gc
 import json
+import time
 
 import httpx
 import pytest
@@ -222,9 +223,25 @@ def test_stream_close_aborts_request(cluster):
 
 def test_metrics_names_and_tpf(cluster, client):
     rs, base = cluster
-    before = parse_metrics(rs.scrape())
-    gen0 = metric_sum(before, "ray_idlm_generation_tokens_total", MODEL)
-    fwd0 = metric_sum(before, "ray_idlm_decode_forwards_total", MODEL)
+
+    def counters():
+        m = parse_metrics(rs.scrape())
+        return (metric_sum(m, "ray_idlm_generation_tokens_total", MODEL),
+                metric_sum(m, "ray_idlm_decode_forwards_total", MODEL))
+
+    # Earlier tests' requests (the aborted stream above) can still land in the counters after their
+    # gauges read idle: Ray's agent reports every few seconds. Start from counters that held still
+    # across more than one report interval, or the deltas below would count someone else's tokens.
+    seen = [counters()]
+
+    def steady():
+        time.sleep(11)  # > Ray's default metrics report interval (10 s)
+        seen.append(counters())
+        return seen[-1] if seen[-1] == seen[-2] else None
+
+    start = wait_for(steady, timeout=90, interval=0)
+    assert start, f"counters kept moving with no request in flight: {seen}"
+    gen0, fwd0 = start
     toks = fwds = 0
     for q in ["Name a fruit.", "Say hello in French.", "What color is the sky?", "Give me a number."]:
         r = requests.post(f"{base}/v1/chat/completions", json={
