@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from workers.models.transformer import CausalLM, _apply_rope
+from workers.models.transformer import CausalLM, RopeTables
 
 
 @dataclass
@@ -44,14 +44,9 @@ class RealKV:
     hidden: torch.Tensor  # [L, H] final (normed) hidden states: compute_logits gives p_base per row
 
 
-def _qkv(attn, xn: torch.Tensor, cos, sin, rows: torch.Tensor | None):
-    # xn: [R, H] -> q [R, Hq, D], k/v [R, Hkv, D]
-    q = attn.q_proj(xn, rows).view(-1, attn.nh, attn.hd)
-    k = attn.k_proj(xn, rows).view(-1, attn.nkv, attn.hd)
-    v = attn.v_proj(xn, rows).view(-1, attn.nkv, attn.hd)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+def _qkv(attn, xn: torch.Tensor, cos, sin, rows):
+    # xn: [R, H] -> q [R, Hq, D], k/v [R, Hkv, D] (the engine's own projection, norm and rotary)
+    return attn.qkv(xn, RopeTables(cos, sin, xn.dtype), rows)
 
 
 def _attend(attn, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:

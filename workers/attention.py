@@ -4,9 +4,15 @@ Owns: `AttentionMetadata` (built once per step by the model runner, shared by al
 `paged_attention` (write this step's K/V into the cache slots, then attend every query row to its
 request's cached prefix plus the causal part of its own new rows).
 
+Row layout: the runner's flat batch need not keep a request's rows together (it puts every MASK
+row last, so the gated LoRA sees one slice). Metadata is built from the rows in *request order*
+(request i's `q_lens[i]` rows in causal order) and `row_of`, the flat row of each; everything is
+tensor ops over all requests at once, with no per-request Python tensor building.
+
 Queries of all requests are gathered into one padded batch so each layer runs one SDPA call;
 requests with long query chunks (prefill) run alone so one long prompt does not pad every decode
-block to its length.
+block to its length. When a group's padded rows already are the flat batch in order (one request
+with its rows in place: the C=1 decode step), the gather and scatter are skipped.
 """
 
 from __future__ import annotations
@@ -22,16 +28,17 @@ _SOLO_Q_LEN = 64
 
 @dataclass
 class _Group:
-    q_index: torch.Tensor  # [B, Lq] row of each query in the flat batch (padded with 0)
+    q_index: torch.Tensor | None  # [B, Lq] flat row of each query (padded with 0); None: identity
     kv_slots: torch.Tensor  # [B, Lk] cache slot of each key position (padded with 0)
     mask: torch.Tensor  # [B, 1, Lq, Lk] True where attention is allowed
-    out_index: torch.Tensor  # [n_valid] flat positions in [B*Lq] that are real queries
-    out_rows: torch.Tensor  # [n_valid] their rows in the flat batch
+    out_index: torch.Tensor | None  # [n_valid] positions in [B*Lq] that are real queries
+    out_rows: torch.Tensor | None  # [n_valid] their flat rows
 
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] cache slot where each new token's K/V is written
+    slot_mapping: torch.Tensor  # [T] cache slot where each flat row's K/V is written
+    positions: torch.Tensor  # [T] absolute position of each flat row
     groups: list[_Group]
     num_tokens: int
 
@@ -43,54 +50,64 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        row_of: torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        """q_lens[i] new rows of request i follow its ctx_lens[i] cached tokens."""
-        slots_all: list[torch.Tensor] = []
-        starts = []
-        pos = 0
-        for q_len, ctx, table in zip(q_lens, ctx_lens, block_tables):
-            n = ctx + q_len
-            p = torch.arange(n)
-            bt = torch.tensor(table, dtype=torch.long)
-            slots_all.append(bt[p // block_size] * block_size + p % block_size)
-            starts.append(pos)
-            pos += q_len
-        slot_mapping = torch.cat([s[c:] for s, c in zip(slots_all, ctx_lens)]) if q_lens else torch.zeros(0, dtype=torch.long)
-        solo = [i for i, q in enumerate(q_lens) if q > _SOLO_Q_LEN]
-        packed = [i for i, q in enumerate(q_lens) if q <= _SOLO_Q_LEN]
-        groups = [cls._group([i], q_lens, ctx_lens, starts, slots_all, device) for i in solo]
-        if packed:
-            groups.append(cls._group(packed, q_lens, ctx_lens, starts, slots_all, device))
-        return cls(slot_mapping=slot_mapping.to(device), groups=groups, num_tokens=pos)
+        """q_lens[i] new rows of request i follow its ctx_lens[i] cached tokens. `row_of` [T]: flat
+        row of each request-order row (None: requests' rows are consecutive, in order)."""
+        B = len(q_lens)
+        width = max((len(t) for t in block_tables), default=1) or 1
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in block_tables] or [[0]], dtype=torch.long)  # [B, W]
+        ql = torch.tensor(q_lens, dtype=torch.long)  # [B]
+        ctx = torch.tensor(ctx_lens, dtype=torch.long)  # [B]
+        T = int(ql.sum()) if B else 0
+        qs = torch.cumsum(ql, 0) - ql  # [B] first request-order row of each request
+        rid = torch.repeat_interleave(torch.arange(B), ql)  # [T]
+        j = torch.arange(T) - qs[rid]  # [T] row index inside its request
+        pos_ro = ctx[rid] + j
+        slot_ro = bt[rid, pos_ro // block_size] * block_size + pos_ro % block_size
+        identity_rows = row_of is None
+        if row_of is None:
+            row_of = torch.arange(T)
+        slot_mapping = torch.empty(T, dtype=torch.long)
+        slot_mapping[row_of] = slot_ro
+        positions = torch.empty(T, dtype=torch.long)
+        positions[row_of] = pos_ro
+        groups = []
+        solo = (ql > _SOLO_Q_LEN).nonzero().flatten().tolist()
+        for i in solo:
+            groups.append(_group(torch.tensor([i]), ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device))
+        packed = (ql <= _SOLO_Q_LEN).nonzero().flatten()
+        if packed.numel():
+            groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device))
+        return cls(slot_mapping=slot_mapping.to(device), positions=positions.to(device), groups=groups, num_tokens=T)
 
-    @staticmethod
-    def _group(idx, q_lens, ctx_lens, starts, slots_all, device) -> _Group:
-        B = len(idx)
-        Lq = max(q_lens[i] for i in idx)
-        Lk = max(ctx_lens[i] + q_lens[i] for i in idx)
-        q_index = torch.zeros(B, Lq, dtype=torch.long)
-        kv_slots = torch.zeros(B, Lk, dtype=torch.long)
-        mask = torch.zeros(B, Lq, Lk, dtype=torch.bool)
-        valid = torch.zeros(B, Lq, dtype=torch.bool)
-        for b, i in enumerate(idx):
-            q, c = q_lens[i], ctx_lens[i]
-            q_index[b, :q] = torch.arange(starts[i], starts[i] + q)
-            kv_slots[b, : c + q] = slots_all[i]
-            # query j sits at absolute position c + j and sees keys 0..c+j (strict causal).
-            qpos = c + torch.arange(q)
-            mask[b, :q, : c + q] = torch.arange(c + q)[None, :] <= qpos[:, None]
-            # Padded query rows attend key 0 only so softmax stays finite; their output is dropped.
-            mask[b, q:, 0] = True
-            valid[b, :q] = True
-        flat_valid = valid.reshape(-1)
-        out_index = flat_valid.nonzero().squeeze(1)
-        return _Group(
-            q_index=q_index.to(device),
-            kv_slots=kv_slots.to(device),
-            mask=mask[:, None].to(device),
-            out_index=out_index.to(device),
-            out_rows=q_index.reshape(-1)[out_index].to(device),
-        )
+
+def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device) -> _Group:
+    """Padded query/key layout of requests `idx` [B] for one SDPA call."""
+    q, c = ql[idx], ctx[idx]  # [B]
+    B, Lq, Lk = idx.numel(), int(q.max()), int((c + q).max())
+    jq = torch.arange(Lq)
+    valid = jq[None, :] < q[:, None]  # [B, Lq]
+    ro = (qs[idx][:, None] + jq[None, :]).clamp(max=max(T - 1, 0))
+    q_index = torch.where(valid, row_of[ro], 0)  # [B, Lq]
+    k = torch.arange(Lk)
+    kcol = (k // block_size).clamp(max=bt.shape[1] - 1)
+    kv_slots = torch.where(k[None, :] < (c + q)[:, None], bt[idx][:, kcol] * block_size + k % block_size, 0)  # [B, Lk]
+    # query j sits at absolute position c + j and sees keys 0..c+j (strict causal); padded query
+    # rows attend key 0 only so softmax stays finite (their output is dropped)
+    mask = (k[None, None, :] <= (c[:, None] + jq[None, :])[:, :, None]) & valid[:, :, None]
+    mask |= (~valid)[:, :, None] & (k == 0)[None, None, :]
+    in_place = B * Lq == T and bool(valid.all()) and (identity_rows or bool((q_index.flatten() == torch.arange(T)).all()))
+    if in_place:
+        return _Group(None, kv_slots.to(device), mask[:, None].to(device), None, None)
+    out_index = valid.flatten().nonzero().squeeze(1)
+    return _Group(
+        q_index=q_index.to(device),
+        kv_slots=kv_slots.to(device),
+        mask=mask[:, None].to(device),
+        out_index=out_index.to(device),
+        out_rows=q_index.flatten()[out_index].to(device),
+    )
 
 
 def paged_attention(
@@ -104,15 +121,19 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, Hq, D]
     k_cache.index_copy_(0, meta.slot_mapping, k.to(k_cache.dtype))
     v_cache.index_copy_(0, meta.slot_mapping, v.to(v_cache.dtype))
-    out = torch.empty_like(q)
     Hq, D = q.shape[1], q.shape[2]
+    out = None
     for g in meta.groups:
-        B, Lq = g.q_index.shape
-        qb = q[g.q_index].transpose(1, 2)  # [B, Hq, Lq, D]
+        B, _, Lq, _ = g.mask.shape
+        qb = (q.view(B, Lq, Hq, D) if g.q_index is None else q[g.q_index]).transpose(1, 2)  # [B, Hq, Lq, D]
         kb = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, Lk, D]
         vb = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
         ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != Hq)
         ob = ob.transpose(1, 2).reshape(B * Lq, Hq, D)  # [B*Lq, Hq, D]
+        if g.q_index is None:
+            return ob  # the only group: its rows are the flat batch
+        if out is None:
+            out = torch.empty_like(q)
         out[g.out_rows] = ob[g.out_index]
     return out
 

@@ -32,6 +32,9 @@ class EngineConfig:
     model's own MASK predictions. `risd`: base model + gated LoRA adapter active at MASK rows."""
     stride: int = 4
     """ISD stride N: each forward verifies up to N-1 drafts and proposes N-1 new ones (1..16)."""
+    adaptive_stride: bool = True
+    """Each round pick every request's stride in 1..`stride` from a step-cost model and its
+    acceptance (workers.stride); False: always `stride`. Lossless either way."""
     adapter: str | None = None
     """PEFT directory of the gated LoRA adapter (`risd`). None with `smollm2` uses the demo adapter."""
     mask_token_id: int | None = None
@@ -66,6 +69,7 @@ class EngineConfig:
         if self.mode == "ar":
             # NOTE: AR is ISD with N=1: no drafts, no MASK rows.
             self.stride = 1
+        _require(isinstance(self.adaptive_stride, bool), "adaptive_stride", f"must be a boolean, got {self.adaptive_stride!r}")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported {self.dtype!r}")
         _require(self.kv_block_size >= 1, "kv_block_size", "must be >= 1")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")

@@ -27,6 +27,7 @@ from workers.request import Request, RequestStatus
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.stats import StatsCollector
+from workers.stride import StepCostModel, StridePolicy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,7 +82,6 @@ class LLMEngine:
         mcfg = loaded.config
         self.max_model_len = min(config.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         self.blocks = BlockManager(config.num_blocks, config.kv_block_size)
-        self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.runner = ModelRunner(
             loaded.model,
             mcfg,
@@ -92,6 +92,13 @@ class LLMEngine:
             device=config.device,
             dtype=_DTYPES[config.dtype],
         )
+        self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride)
+        if self.policy.adaptive:
+            # A short start-up calibration of step time against rows (refined online by `step`).
+            max_rows = min(config.max_num_batched_tokens, config.max_num_seqs * (2 * config.stride - 1),
+                           config.num_blocks * config.kv_block_size)
+            self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1))
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy)
         self.decoder = ISDDecoder(mcfg.vocab_size, draft_mode=config.extra.get("draft_mode", "sample"), drafter=drafter)
         eos = list(mcfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -131,6 +138,7 @@ class LLMEngine:
             raise ValueError(f"request_id: {rid!r} is already running")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(rid, prompt_token_ids, params, rng_key=request_key(seed))
+        req.accept_state = self.policy.acceptance.new_state()
         self.requests[rid] = req
         self.scheduler.add(req)
         with self.stats as (st, _):
@@ -165,10 +173,17 @@ class LLMEngine:
             self.scheduler.commit(it, res.num_accepted if res else 0)
         now = time.monotonic()
         outputs = [o for r in results if (o := self._apply(r, now)) is not None]
+        rows, elapsed = sched.num_tokens, now - t0
+        cost = self.policy.cost
+        predicted = cost.predict(rows) if cost is not None else 0.0
+        # Refine the cost model on decode-like steps (most rows need logits), where it is used.
+        if cost is not None and 2 * runner_out.logits.shape[0] >= rows:
+            cost.observe(rows, elapsed)
         with self.stats as (st, obs):
             st.steps += 1
             st.preemptions += len(sched.preempted)
-            obs.step_duration.append(now - t0)
+            st.step_time_predicted, st.step_time_measured = predicted, elapsed
+            obs.step_duration.append(elapsed)
         self._update_gauges()
         return outputs
 
@@ -180,6 +195,8 @@ class LLMEngine:
         m.num_draft_tokens += res.num_drafts
         m.num_accepted_tokens += res.num_accepted
         m.num_output_tokens = req.num_output_tokens
+        if res.num_drafts:
+            self.policy.acceptance.observe(req.accept_state, res.num_drafts, res.num_accepted)
         with self.stats as (st, obs):
             st.generation_tokens += len(kept)
             st.decode_forwards += 1
@@ -189,6 +206,7 @@ class LLMEngine:
                 st.drafts_per_pos[j] += 1
                 st.accepted_per_pos[j] += int(ok)
             st.rounds[res.kind] += 1
+            st.rounds_by_stride[res.item.stride] = st.rounds_by_stride.get(res.item.stride, 0) + 1
             if m.first_token_time is None:
                 m.first_token_time = now
                 obs.time_to_first_token.append(now - m.arrival_time)

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from workers.aliases import SMOLLM2_MASK_TOKEN_ID
 from workers.models.config import ModelConfig
-from workers.models.transformer import CausalLM, LoRALinear, Rotary
+from workers.models.linear import LoRALinear
+from workers.models.transformer import CausalLM, Rotary
 
 __all__ = [
     "SMOLLM2_MASK_TOKEN_ID",
@@ -204,6 +205,44 @@ def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def hf_shapes(model: CausalLM) -> dict[str, torch.Size]:
+    """Parameter shapes of `model` under HF checkpoint names: each fused projection
+    (`qkv_proj`, `gate_up_proj`) is listed as its slices (`q_proj`, `k_proj`, ...)."""
+    projs = {name: hf for hf, (name, _) in model.hf_projections().items()}
+    mods = dict(model.named_modules())
+    out: dict[str, torch.Size] = {}
+    for key, t in model.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        mod = mods.get(name)
+        if isinstance(mod, LoRALinear) and name in projs and leaf in ("weight", "bias"):
+            parent = name.rpartition(".")[0]
+            for s, size in mod.slices:
+                out[f"{parent}.{s}.{leaf}" if parent else f"{s}.{leaf}"] = torch.Size((size, *t.shape[1:]))
+        else:
+            out[key] = t.shape
+    return out
+
+
+def fuse_state_dict(model: CausalLM, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An HF-named state dict (validated against `hf_shapes`) in the model's fused names: slices
+    concatenated in output order (q, k, v; gate, up)."""
+    projs = model.hf_projections()
+    mods = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        base, _, leaf = key.rpartition(".")
+        if base in projs and leaf in ("weight", "bias"):
+            name, s = projs[base]
+            parts.setdefault((name, leaf), {})[s] = t
+        else:
+            out[key] = t
+    for (name, leaf), by_slice in parts.items():
+        names = mods[name].slice_names
+        out[f"{name}.{leaf}"] = by_slice[names[0]] if len(names) == 1 else torch.cat([by_slice[s] for s in names])
+    return out
+
+
 def load_model(
     model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[CausalLM, ModelConfig]:
@@ -228,7 +267,7 @@ def load_model(
     sd = _load_state_dict(d)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    shapes = hf_shapes(model)
     expected = {k for k in shapes if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - sd.keys())
     unexpected = sorted(k for k in sd.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
@@ -244,7 +283,8 @@ def load_model(
     ]
     if bad:
         raise ValueError(f"model: checkpoint shapes do not match config.json in {d}: {bad[:8]}")
-    model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
+    sd = fuse_state_dict(model, {k: sd[k] for k in expected})
+    model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # Buffers built on the meta device (rotary inverse frequencies) are recomputed for real, and
@@ -320,17 +360,19 @@ def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo
     targets = cfg.get("target_modules") or []
     if isinstance(targets, str):
         targets = [targets]
+    projs = model.hf_projections()
     mods = dict(model.named_modules())
-    dev, dt = model.lm_head.weight.device, model.lm_head.weight.dtype
     # Validate everything before touching the model so a bad adapter leaves it unchanged.
     pending: dict[str, dict[str, torch.Tensor]] = {}
     for key, w in weights.items():
         name = key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key
-        parts = name.rsplit(".", 2)  # "<module>.lora_A.weight"
-        mod = mods.get(parts[0]) if len(parts) == 3 and parts[2] == "weight" else None
-        if not isinstance(mod, LoRALinear) or parts[1] not in ("lora_A", "lora_B"):
+        parts = name.rsplit(".", 2)  # "<hf module>.lora_A.weight"
+        proj = projs.get(parts[0]) if len(parts) == 3 and parts[2] == "weight" else None
+        if proj is None or parts[1] not in ("lora_A", "lora_B") or parts[0] == "lm_head":
             raise ValueError(f"adapter: weight {key!r} does not match a projection of the model")
-        want = (r, mod.in_features) if parts[1] == "lora_A" else (mod.out_features, r)
+        mod = mods[proj[0]]
+        lo, hi = mod.slice_range(proj[1])
+        want = (r, mod.in_features) if parts[1] == "lora_A" else (hi - lo, r)
         if tuple(w.shape) != want:
             raise ValueError(f"adapter: {key!r} has shape {tuple(w.shape)}, expected {want} (r={r})")
         pending.setdefault(parts[0], {})[parts[1]] = w
@@ -339,11 +381,12 @@ def load_adapter(model: CausalLM, adapter_dir: str | os.PathLike) -> AdapterInfo
     half = sorted(n for n, ab in pending.items() if len(ab) != 2)
     if half:
         raise ValueError(f"adapter: modules {half[:8]} have lora_A or lora_B but not both")
-    for name, ab in pending.items():
-        mod = mods[name]
-        mod.lora_A = torch.nn.Parameter(ab["lora_A"].to(device=dev, dtype=dt), requires_grad=False)
-        mod.lora_B = torch.nn.Parameter(ab["lora_B"].to(device=dev, dtype=dt), requires_grad=False)
-        mod.lora_scaling = scaling
+    for mod in mods.values():  # a second adapter replaces the first, it does not stack on it
+        if isinstance(mod, LoRALinear):
+            mod.clear_lora()
+    for hf, ab in pending.items():
+        name, sl = projs[hf]
+        mods[name].set_lora(sl, ab["lora_A"], ab["lora_B"], scaling)
     model.has_lora = True
     idlm = cfg.get("idlm") or {}
     return AdapterInfo(str(d), r, alpha, list(targets), idlm.get("mask_token_id"), idlm.get("stride"))
@@ -364,12 +407,15 @@ def save_adapter(
     stride the gated adapter was trained for."""
     d = Path(adapter_dir)
     tensors, targets, shapes = {}, set(), set()
-    for name, mod in model.named_modules():
-        if isinstance(mod, LoRALinear) and mod.lora_A is not None:
-            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = mod.lora_A.detach().to(dtype).cpu().contiguous()
-            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = mod.lora_B.detach().to(dtype).cpu().contiguous()
-            targets.add(name.rsplit(".", 1)[-1])
-            shapes.add((mod.lora_A.shape[0], float(mod.lora_scaling)))
+    mods = dict(model.named_modules())
+    for hf, (name, sl) in model.hf_projections().items():
+        mod = mods[name]
+        if sl in mod.lora_A:
+            a, b = mod.lora_A[sl], mod.lora_B[sl]
+            tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = a.detach().to(dtype).cpu().contiguous()
+            tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b.detach().to(dtype).cpu().contiguous()
+            targets.add(hf.rsplit(".", 1)[-1])
+            shapes.add((a.shape[0], float(mod.lora_scaling)))
     if not tensors:
         raise ValueError("adapter: the model has no LoRA weights to save")
     if len(shapes) != 1:  # PEFT's config holds one r and one alpha for all modules

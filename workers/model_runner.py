@@ -1,9 +1,11 @@
 """Model runner: turns a `SchedulerOutput` into one forward over a ragged flat batch.
 
 Owns: the model, its KV cache tensors, and input preparation. Every scheduled request contributes
-its rows `[real tokens..., drafts..., MASK x m]` at consecutive positions after its cached prefix;
-the runner returns logits only at the rows that need them (for a final item: `pending`, the drafts
-and the MASK rows, which are contiguous at the end of its block).
+its rows `[real tokens..., drafts..., MASK x m]` at consecutive positions after its cached prefix.
+In the flat batch the clean rows (real tokens and drafts) of all requests come first and every MASK
+row after them, so the gated LoRA of R-ISD applies to one slice (`lora_from`) with no gathers; the
+attention metadata maps each request's rows back to causal order. Logits come back only at the rows
+that need them, per final item in the order `[pending, drafts..., MASK rows...]`.
 
 Style rule (as vLLM's V2 runner): this file holds the common path only; feature code lives in the
 decoder or the model.
@@ -11,6 +13,7 @@ decoder or the model.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,41 +54,78 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        ids: list[int] = []
-        positions: list[int] = []
-        lora: list[bool] = []
-        logit_rows: list[int] = []
+        ids: list[int] = []  # clean rows of every item, in item order
+        q_lens, clean_lens, mask_lens, ctx_lens, tables = [], [], [], [], []
         row_offsets: list[int] = []
-        q_lens, ctx_lens, tables = [], [], []
-        start = 0
+        logit_ro: list[int] = []  # request-order rows that need logits
+        n_logits = ro = 0
         for it in sched.items:
             req = it.request
-            real = req.all_token_ids[req.num_computed : req.num_computed + it.num_real]
-            block = real + (req.drafts[: it.num_drafts] if it.final else [])
-            block += [self.mask_token_id] * it.num_masks if it.final else []
-            ids += block
-            positions += range(req.num_computed, req.num_computed + len(block))
-            lora += [False] * (len(block) - it.num_masks) + [True] * it.num_masks
+            clean = req.token_slice(req.num_computed, req.num_computed + it.num_real)
+            m = 0
             if it.final:
-                row_offsets.append(len(logit_rows))
+                clean += req.drafts[: it.num_drafts]
+                m = it.num_masks
+                row_offsets.append(n_logits)
                 # `pending` is the last real row; it and everything after it need logits.
-                first = start + it.num_real - 1
-                logit_rows += range(first, start + len(block))
+                first, end = ro + it.num_real - 1, ro + len(clean) + m
+                logit_ro += range(first, end)
+                n_logits += end - first
             else:
                 row_offsets.append(-1)
-            q_lens.append(len(block))
+            ids += clean
+            q_lens.append(len(clean) + m)
+            clean_lens.append(len(clean))
+            mask_lens.append(m)
             ctx_lens.append(req.num_computed)
             tables.append(req.block_table)
-            start += len(block)
+            ro += len(clean) + m
+        n_clean, n_mask = len(ids), sum(mask_lens)
+        row_of = None
+        if n_mask:
+            ids += [self.mask_token_id] * n_mask
+            row_of = _row_of(q_lens, clean_lens, n_clean)
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.block_size, dev)
+        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.block_size, dev, row_of=row_of)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [T]
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
-        lora_mask = torch.tensor(lora, dtype=torch.bool, device=dev) if self.use_lora_gate else None
-        hidden = self.model(input_ids, pos, kv_caches=self.kv_caches, meta=meta, lora_mask=lora_mask)  # [T, H]
-        if logit_rows:
-            rows = torch.tensor(logit_rows, dtype=torch.long, device=dev)
-            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()  # [R, V]
+        lora_from = n_clean if (self.use_lora_gate and n_mask) else None
+        hidden = self.model(input_ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)  # [T, H]
+        if logit_ro:
+            rows = torch.tensor(logit_ro, dtype=torch.long)
+            if row_of is not None:
+                rows = row_of[rows]
+            logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
         return RunnerOutput(logits=logits, row_offsets=row_offsets)
+
+
+    @torch.inference_mode()
+    def time_rows(self, rows: int) -> float:
+        """Seconds of one forward of `rows` rows with logits at every row (a decode-like step; as in
+        R-ISD blocks, 3 in 7 rows carry the gated LoRA). Writes only KV slots of free blocks."""
+        rows = max(1, min(rows, self.kv_caches[0][0].shape[0]))
+        blocks = list(range(-(-rows // self.block_size)))
+        meta = AttentionMetadata.build([rows], [0], [blocks], self.block_size, self.device)
+        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
+        lora_from = rows - 3 * rows // 7 if self.use_lora_gate else None
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        h = self.model(ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)
+        self.model.compute_logits(h).float()
+        sync()
+        return time.perf_counter() - t0
+
+
+def _row_of(q_lens: list[int], clean_lens: list[int], n_clean: int) -> torch.Tensor:
+    """[T] flat row of each request-order row: request i's clean rows sit in the first part (in item
+    order), its MASK rows in the second part, starting at `n_clean`."""
+    ql = torch.tensor(q_lens, dtype=torch.long)
+    cl = torch.tensor(clean_lens, dtype=torch.long)
+    ml = ql - cl
+    rid = torch.repeat_interleave(torch.arange(len(q_lens)), ql)
+    j = torch.arange(int(ql.sum())) - (torch.cumsum(ql, 0) - ql)[rid]
+    clean_start = torch.cumsum(cl, 0) - cl
+    mask_start = n_clean + torch.cumsum(ml, 0) - ml
+    return torch.where(j < cl[rid], clean_start[rid] + j, mask_start[rid] + j - cl[rid])

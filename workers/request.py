@@ -39,6 +39,10 @@ class Request:
     drafts: list[int] = field(default_factory=list)
     draft_logits: torch.Tensor | None = None  # [len(drafts), V] float32, None for greedy requests
     rng_step: int = 0
+    stride: int = 0
+    """Stride chosen for the request's next decode round (0: not chosen yet; see workers.stride)."""
+    accept_state: list | None = None
+    """Running acceptance counts per draft position (`AcceptanceEstimator.new_state()`)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -64,6 +68,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """`all_token_ids[start:end]` without building the whole prompt + output list."""
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
     def num_output_tokens(self) -> int:

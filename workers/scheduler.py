@@ -8,6 +8,10 @@ Each step every scheduled request feeds `all_token_ids[num_computed:]` (a prefil
 and MASK rows (a "final" item: the forward returns logits for it). Running requests go first, so
 decode blocks are never starved by new prompts; waiting prompts fill what budget is left.
 
+Strides: `workers.stride.StridePolicy` gives every decoding request its stride n for the step (the
+configured stride N is the maximum; a fixed-stride engine always gets N). A request verifies the
+first n-1 of its drafts (the rest are dropped) and carries n-1 MASK rows.
+
 When the KV cache cannot hold a running request's next block, the most recently admitted running
 request is preempted: its blocks are freed and it goes back to the front of the waiting queue with
 its committed output intact; on readmission its prompt + output are recomputed (prefill), so it
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.request import Request, RequestStatus
+from workers.stride import StridePolicy
 
 
 @dataclass
@@ -33,6 +38,8 @@ class ScheduledItem:
     num_masks: int = 0
     final: bool = False
     """True when the chunk reaches the request's last token: logits come back for it."""
+    stride: int = 1
+    """The round's stride n (final items): up to n-1 drafts verified, up to n-1 MASK rows."""
 
     @property
     def num_rows(self) -> int:
@@ -50,11 +57,16 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, block_manager: BlockManager, max_model_len: int) -> None:
+    def __init__(
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, policy: StridePolicy | None = None
+    ) -> None:
         self.config = config
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.stride = config.stride
+        self.policy = policy or StridePolicy(config.stride, adaptive=False)
+        self.new_stride = config.stride
+        """Stride of requests entering decode this step (chosen with the engine-wide acceptance)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -76,24 +88,46 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     # -- per-step plan -----------------------------------------------------------------------
-    def num_masks(self, req: Request, num_drafts: int) -> int:
+    def num_masks(self, req: Request, num_drafts: int, stride: int | None = None) -> int:
         """MASK rows worth computing: the next round emits at most masks + 1 tokens, so drafts past
         what max_tokens (or the context) still allows would be thrown away."""
-        if self.stride <= 1:
+        stride = self.stride if stride is None else stride
+        if stride <= 1:
             return 0
         after_round = min(req.remaining_tokens, self.max_model_len - req.num_tokens) - (num_drafts + 1)
-        return max(0, min(self.stride - 1, after_round - 1))
+        return max(0, min(stride - 1, after_round - 1))
 
     def _plan(self, req: Request, budget: int) -> ScheduledItem | None:
         num_real = req.num_tokens - req.num_computed
-        k = len(req.drafts)
-        m = self.num_masks(req, k)
+        n = req.stride if num_real == 1 and req.stride else self.new_stride
+        k = min(len(req.drafts), n - 1)  # a longer draft sequence is cut: its tail is never verified
+        m = self.num_masks(req, k, n)
         if num_real + k + m <= budget:
-            return ScheduledItem(req, num_real, k, m, final=True)
+            return ScheduledItem(req, num_real, k, m, final=True, stride=n)
         if num_real > 1 and budget > 0:
             # Chunked prefill: stop short of the last token so no logits are needed yet.
             return ScheduledItem(req, min(budget, num_real - 1))
         return None
+
+    def _choose_strides(self) -> None:
+        """Strides for this step's decoding requests (see `workers.stride`)."""
+        if not self.policy.adaptive:
+            return
+        decoding, other = [], 0
+        for r in self.running:
+            if r.num_tokens - r.num_computed == 1:
+                decoding.append(r)
+            else:
+                other += r.num_tokens - r.num_computed
+        budget = max(self.config.max_num_batched_tokens - len(decoding), 0)
+        for r in self.waiting:
+            if other >= budget:
+                break
+            other += r.num_tokens - r.num_computed
+        other = min(other, budget)
+        strides, self.new_stride = self.policy.choose([r.accept_state for r in decoding], other)
+        for r, n in zip(decoding, strides):
+            r.stride = n
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
@@ -108,6 +142,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        self._choose_strides()
         scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:

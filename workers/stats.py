@@ -41,6 +41,8 @@ class EngineStats:
     accepted_per_pos: list[int] = field(default_factory=list)
     drafts_per_pos: list[int] = field(default_factory=list)
     rounds: dict[str, int] = field(default_factory=lambda: {k: 0 for k in ROUND_KINDS})
+    rounds_by_stride: dict[int, int] = field(default_factory=dict)
+    """Decode rounds (forwards that committed tokens) by the stride n they ran with."""
     requests: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FINISH_REASONS})
     preemptions: int = 0
     steps: int = 0
@@ -48,6 +50,10 @@ class EngineStats:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    step_time_predicted: float = 0.0
+    """The stride cost model's prediction for the last step (seconds; 0 without adaptive stride)."""
+    step_time_measured: float = 0.0
+    """The last step's measured duration (seconds)."""
 
     @property
     def tokens_per_forward(self) -> float:

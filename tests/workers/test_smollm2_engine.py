@@ -11,6 +11,7 @@ import torch
 from workers import LLM, SamplingParams
 from workers.engine import LoadedModel
 from workers.loader import load_model, load_tokenizer, resolve_model
+from workers.models.linear import LoRALinear
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
@@ -51,7 +52,7 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
         assert [o.token_ids for o in isd.generate(prompts, params)] == ar, f"isd N={N} batched"
         assert isd.generate([prompts[0]], params)[0].token_ids == ar[0], f"isd N={N} alone"
     # R-ISD with an (untrained, non-zero) gated LoRA: MASK rows change, output must not.
-    if not any(getattr(m, "lora_A", None) is not None for m in model.modules()):
+    if not any(m.has_lora for m in model.modules() if isinstance(m, LoRALinear)):
         torch.manual_seed(0)
         model.add_lora(8, 16, ALL_PROJ, init_b_zero=False)
     risd = LLM(loaded=_loaded(smol, True), mode="risd", stride=4)

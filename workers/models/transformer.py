@@ -1,15 +1,17 @@
 """Decoder-only transformer for the Llama (SmolLM2) and Qwen3 (I-DLM / SDAR) families.
 
 Owns: the `CausalLM` module and its layers (RMSNorm, rotary embedding, attention with optional
-q/k-norm, SwiGLU MLP) plus `LoRALinear`, the gated-LoRA linear of R-ISD. Parameter names match HF
-checkpoints (`model.layers.{i}.self_attn.q_proj.weight`, ...) so safetensors load directly.
+q/k-norm, SwiGLU MLP). Projections are fused as in vLLM: one `qkv_proj` and one `gate_up_proj` GEMM
+per layer (`workers.models.linear.LoRALinear`, slices named after the HF projections). HF checkpoints
+and PEFT adapters name the separate projections; `workers.loader` merges them at load.
 
 Two attention modes share the weights:
 - paged: a ragged flat batch `[T]` against the paged KV cache (`AttentionMetadata`), used by the engine;
 - dense: a padded `[B, L]` batch with an optional custom boolean mask, used by training and tests.
 
-Gated LoRA: `lora_mask` marks the rows (MASK positions) where adapters apply; every other row runs the
-frozen base weights exactly, which is what makes R-ISD lossless.
+Gated LoRA: the adapters apply only at MASK rows; every other row runs the frozen base weights
+exactly, which is what makes R-ISD lossless. The engine passes `lora_from` (its flat batch puts all
+MASK rows last, so the LoRA rows are one slice); dense callers pass a boolean `lora_mask`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata, dense_attention, paged_attention
 from workers.models.config import ModelConfig
+from workers.models.linear import LoRALinear, LoraRows
 
 
 class RMSNorm(nn.Module):
@@ -29,38 +32,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # one fused op; in fp32 it equals the HF formula below bit for bit
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-class LoRALinear(nn.Linear):
-    """nn.Linear plus an optional low-rank delta applied only at rows selected by `lora_rows`."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.lora_A: nn.Parameter | None = None  # [r, in]
-        self.lora_B: nn.Parameter | None = None  # [out, r]
-        self.lora_scaling = 0.0
-
-    def add_lora(self, rank: int, scaling: float, init_b_zero: bool = True) -> None:
-        dev, dt = self.weight.device, self.weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=dt))
-        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
-        if not init_b_zero:
-            nn.init.normal_(self.lora_B, std=0.02)
-        self.lora_scaling = scaling
-
-    def forward(self, x: torch.Tensor, lora_rows: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        if self.lora_A is None or lora_rows is None or lora_rows.numel() == 0:
-            return y
-        # x: [T, in] flat rows; delta only where the gate is on (MASK rows).
-        xs = x.index_select(0, lora_rows)
-        delta = (xs @ self.lora_A.t()) @ self.lora_B.t() * self.lora_scaling
-        return y.index_add(0, lora_rows, delta.to(y.dtype))
 
 
 class Rotary(nn.Module):
@@ -76,12 +54,21 @@ class Rotary(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [..., H, D]; cos/sin: [..., D] broadcast over heads (HF rotate_half convention).
-    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rot * sin
+class RopeTables:
+    """cos and sign-folded sin of one forward's positions, `[N, 1, D]` (broadcast over heads), so
+    each layer applies rotary with one cat, two muls and an add (HF's `rotate_half` convention:
+    `x*cos + rotate_half(x)*sin`, and `-x2*sin == x2*(-sin)` exactly)."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> None:
+        half = cos.shape[-1] // 2
+        self.half = half
+        self.cos = cos.reshape(-1, 1, cos.shape[-1]).to(dtype)  # [N, 1, D]
+        sin = sin.reshape(-1, 1, sin.shape[-1])
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).to(dtype)  # [N, 1, D]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x: [N, H, D]
+        h = self.half
+        return x * self.cos + torch.cat([x[..., h:], x[..., :h]], dim=-1) * self.sin
 
 
 class Attention(nn.Module):
@@ -89,10 +76,12 @@ class Attention(nn.Module):
         super().__init__()
         self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         b = cfg.attention_bias
-        self.q_proj = LoRALinear(cfg.hidden_size, self.nh * self.hd, bias=b)
-        self.k_proj = LoRALinear(cfg.hidden_size, self.nkv * self.hd, bias=b)
-        self.v_proj = LoRALinear(cfg.hidden_size, self.nkv * self.hd, bias=b)
-        self.o_proj = LoRALinear(self.nh * self.hd, cfg.hidden_size, bias=b)  # HF: o_proj also uses attention_bias
+        self.qkv_proj = LoRALinear(
+            cfg.hidden_size,
+            [("q_proj", self.nh * self.hd), ("k_proj", self.nkv * self.hd), ("v_proj", self.nkv * self.hd)],
+            bias=b,
+        )
+        self.o_proj = LoRALinear(self.nh * self.hd, [("o_proj", cfg.hidden_size)], bias=b)  # HF: o_proj also uses attention_bias
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -100,34 +89,37 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = self.hd**-0.5
 
-    def forward(self, x, cos, sin, kv, meta, dense_mask, lora_rows):
-        lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        q = self.q_proj(flat, lora_rows).view(*lead, self.nh, self.hd)
-        k = self.k_proj(flat, lora_rows).view(*lead, self.nkv, self.hd)
-        v = self.v_proj(flat, lora_rows).view(*lead, self.nkv, self.hd)
+    def qkv(self, x: torch.Tensor, rope: RopeTables, lora_rows: LoraRows):
+        """x [N, H] -> q [N, Hq, D], k, v [N, Hkv, D] with q/k-norm and rotary applied."""
+        nh, nkv = self.nh, self.nkv
+        qkv = self.qkv_proj(x, lora_rows).view(-1, nh + 2 * nkv, self.hd)  # [N, Hq+2Hkv, D]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q, k, v = qkv.split([nh, nkv, nkv], dim=1)
+            return rope(self.q_norm(q)), rope(self.k_norm(k)), v
+        qk = rope(qkv[:, : nh + nkv])  # q and k heads in one rotary pass (elementwise: same bits)
+        return qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv :]
+
+    def forward(self, x, rope, kv, meta, dense_mask, lora_rows):
+        lead = x.shape[:-1]
+        q, k, v = self.qkv(x.reshape(-1, x.shape[-1]), rope, lora_rows)
         if meta is not None:
             o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
         else:
-            o = dense_attention(q, k, v, dense_mask, self.scale)
-        o = o.reshape(-1, self.nh * self.hd)
-        return self.o_proj(o, lora_rows).view(*lead, -1)
+            o = dense_attention(*(t.reshape(*lead, -1, self.hd) for t in (q, k, v)), dense_mask, self.scale)
+        return self.o_proj(o.reshape(-1, self.nh * self.hd), lora_rows).view(*lead, -1)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size)
-        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size)
-        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size)
+        self.inter = cfg.intermediate_size
+        self.gate_up_proj = LoRALinear(cfg.hidden_size, [("gate_proj", self.inter), ("up_proj", self.inter)])
+        self.down_proj = LoRALinear(cfg.intermediate_size, [("down_proj", cfg.hidden_size)])
 
     def forward(self, x, lora_rows):
         lead = x.shape[:-1]
-        flat = x.reshape(-1, x.shape[-1])
-        h = F.silu(self.gate_proj(flat, lora_rows)) * self.up_proj(flat, lora_rows)
+        gu = self.gate_up_proj(x.reshape(-1, x.shape[-1]), lora_rows)  # [N, 2I]
+        h = F.silu(gu[:, : self.inter]) * gu[:, self.inter :]
         return self.down_proj(h, lora_rows).view(*lead, -1)
 
 
@@ -139,8 +131,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv, meta, dense_mask, lora_rows):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, meta, dense_mask, lora_rows)
+    def forward(self, x, rope, kv, meta, dense_mask, lora_rows):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv, meta, dense_mask, lora_rows)
         return x + self.mlp(self.post_attention_layernorm(x), lora_rows)
 
 
@@ -157,7 +149,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LoRALinear(cfg.hidden_size, [("lm_head", cfg.vocab_size)])
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
@@ -171,23 +163,47 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata | None = None,
         dense_mask: torch.Tensor | None = None,  # [B, L, L] bool, dense mode only
         lora_mask: torch.Tensor | None = None,  # same shape as input_ids, bool: gated-LoRA rows
+        lora_from: int | None = None,  # paged mode: rows lora_from.. (all MASK rows) get the LoRA
     ) -> torch.Tensor:  # hidden states, same leading shape as input_ids, [..., H]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions)
-        lora_rows = None
-        if self.has_lora and lora_mask is not None:
-            lora_rows = lora_mask.reshape(-1).nonzero().squeeze(1)
+        rope = RopeTables(*self.rotary(positions), x.dtype)
+        lora_rows: LoraRows = None
+        if self.has_lora:
+            if lora_from is not None:
+                lora_rows = slice(lora_from, None)
+            elif lora_mask is not None:
+                lora_rows = lora_mask.reshape(-1).nonzero().squeeze(1)
         for i, layer in enumerate(self.model.layers):
             kv = kv_caches[i] if kv_caches is not None else None
-            x = layer(x, cos, sin, kv, meta, dense_mask, lora_rows)
+            x = layer(x, rope, kv, meta, dense_mask, lora_rows)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
 
-    def add_lora(self, rank: int, alpha: float, target_modules: list[str], init_b_zero: bool = True) -> None:
-        """Attach (untrained) gated-LoRA weights to the named projections of every layer."""
+    def hf_projections(self) -> dict[str, tuple[str, str]]:
+        """HF module path of every projection (`model.layers.0.self_attn.q_proj`, `lm_head`) ->
+        (path of the fused `LoRALinear` holding it, slice name). A slice's HF path is its fused
+        module's parent path plus the slice name, so checkpoints and PEFT adapters map both ways."""
+        out = {}
         for name, mod in self.named_modules():
-            if isinstance(mod, LoRALinear) and name.rsplit(".", 1)[-1] in target_modules:
-                mod.add_lora(rank, alpha / rank, init_b_zero=init_b_zero)
+            if isinstance(mod, LoRALinear):
+                parent = name.rpartition(".")[0]
+                for s in mod.slice_names:
+                    out[f"{parent}.{s}" if parent else s] = (name, s)
+        return out
+
+    def add_lora(self, rank: int, alpha: float, target_modules: list[str], init_b_zero: bool = True) -> None:
+        """Attach (untrained) gated-LoRA weights to the named projections (HF names: `q_proj`, ...)
+        of every layer."""
+        mods = dict(self.named_modules())
+        found = set()
+        for hf, (name, s) in self.hf_projections().items():
+            leaf = hf.rpartition(".")[2]
+            if leaf in target_modules and hf.startswith("model.layers."):
+                mods[name].add_lora(rank, alpha / rank, [s], init_b_zero=init_b_zero)
+                found.add(leaf)
+        missing = sorted(set(target_modules) - found)
+        if missing:
+            raise ValueError(f"target_modules: {missing} are not projections of this model's layers")
         self.has_lora = True

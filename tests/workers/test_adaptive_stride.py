@@ -1,0 +1,183 @@
+"""The load-adaptive stride (workers.stride): its choice on fixed cost tables, its cost model, and
+that any schedule of per-round strides keeps ISD exact (greedy = AR token for token; sampled output
+follows the exact AR law)."""
+
+import random
+
+import pytest
+import torch
+
+from tests.tiny import naive_greedy, random_prompts, tiny_loaded
+from tests.workers.test_sampling_exactness import P_MIN, _chi2, _exact_ar_joint
+from workers import LLM, SamplingParams
+from workers.stride import AcceptanceEstimator, StepCostModel, StridePolicy, round_value, value_table
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+class RandomStrides(StridePolicy):
+    """A forced random schedule: every decoding request gets a uniform stride in 1..N each round."""
+
+    def __init__(self, max_stride: int, seed: int) -> None:
+        super().__init__(max_stride, adaptive=True)
+        self.rng = random.Random(seed)
+        self.seen: set[int] = set()
+
+    def choose(self, states, other_rows=0):
+        n = [self.rng.randint(1, self.max_stride) for _ in range(len(states) + 1)]
+        self.seen.update(n)
+        return n[:-1], n[-1]
+
+
+def _policy(times, points, rates, max_stride=4):
+    acc = AcceptanceEstimator(max_stride - 1, prior=rates, prior_weight=1e6)
+    return StridePolicy(max_stride, adaptive=True, cost=StepCostModel(points, times), acceptance=acc)
+
+
+# -- the choice on fixed cost tables ------------------------------------------------------------
+def test_memory_bound_table_picks_the_largest_stride_at_c1():
+    pts = [1, 2, 4, 8, 16, 64, 256]
+    flat = [0.050] * len(pts)  # a memory-bound forward: more rows cost nothing
+    pol = _policy(flat, pts, 0.8)
+    strides, new = pol.choose([pol.acceptance.new_state()])
+    assert strides == [4] and new == 4
+    # the same with a 10% slope over the first rows (the paper's GPU alpha ~1.1) at C=1
+    pol = _policy([0.050, 0.051, 0.052, 0.054, 0.058, 0.1, 0.4], pts, 0.8)
+    assert pol.choose([pol.acceptance.new_state()])[0] == [4]
+
+
+def test_compute_bound_table_picks_1():
+    pts = [1, 2, 4, 8, 16, 64, 256]
+    linear = [0.01 * p for p in pts]  # a compute-bound forward: time proportional to rows
+    pol = _policy(linear, pts, 0.8)
+    states = [pol.acceptance.new_state() for _ in range(8)]
+    strides, new = pol.choose(states)
+    assert strides == [1] * 8 and new == 1
+
+
+def test_load_moves_the_choice_down():
+    """Cheap rows up to 16, then compute-bound: one request runs N=4, 64 requests run AR."""
+    pts = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    times = [0.05, 0.05, 0.05, 0.05, 0.052, 0.1, 0.2, 0.4, 0.8, 1.6]
+    pol = _policy(times, pts, 0.7)
+    assert pol.choose([pol.acceptance.new_state()])[0] == [4]
+    assert set(pol.choose([pol.acceptance.new_state() for _ in range(64)])[0]) == {1}
+
+
+def test_low_acceptance_prefers_short_strides_even_when_rows_are_free():
+    pol = _policy([0.05, 0.05, 0.05], [1, 8, 64], 0.05, max_stride=8)
+    e, _ = value_table([0.05] * 7, 8)
+    assert pol.choose([pol.acceptance.new_state()])[0] == [int(e.argmax()) + 1]
+
+
+def test_round_value_is_the_papers_tpf_formula():
+    for p in (0.3, 0.7, 0.9):
+        for n in (2, 3, 4, 8):
+            e, rows = round_value([p] * (n - 1), n)
+            paper = (2 + sum(p**i for i in range(1, n - 1))) / (2 - p ** (n - 1))
+            assert e == pytest.approx(paper)
+            assert n <= rows <= 2 * n - 1
+    assert round_value([], 1) == (1.0, 1.0)
+    e, r = value_table([0.7, 0.6, 0.5], 4)
+    for n in (1, 2, 3, 4):
+        assert round_value([0.7, 0.6, 0.5], n) == pytest.approx((e[n - 1], r[n - 1]))
+
+
+# -- cost model and acceptance estimate ---------------------------------------------------------
+def test_cost_model_interpolates_calibrates_and_refines():
+    calls = []
+
+    def fake(rows):
+        calls.append(rows)
+        return 0.01 + 0.001 * rows
+
+    m = StepCostModel.calibrate(fake, 100)
+    assert m.points == [1, 2, 4, 8, 16, 32, 64, 100] and calls[:2] == [1, 7]  # warm-ups first
+    assert m.predict(50) == pytest.approx(0.06)
+    assert m.slope(50) == pytest.approx(0.001)
+    assert m.predict(200) == pytest.approx(0.21)  # extrapolated on the last slope
+    for _ in range(200):  # the machine got slower at 40 rows: the model follows
+        m.observe(40, 0.1)
+    assert m.predict(40) == pytest.approx(0.1, rel=0.02)
+    assert all(b >= a for a, b in zip(m.times, m.times[1:]))  # still monotone
+    with pytest.raises(ValueError, match="points"):
+        StepCostModel([4, 2], [0.1, 0.2])
+
+
+def test_acceptance_estimate_starts_at_the_engine_prior_and_moves_to_the_request():
+    acc = AcceptanceEstimator(3, prior=0.5, prior_weight=4.0)
+    good, bad = acc.new_state(), acc.new_state()
+    assert acc.rates(good) == pytest.approx([0.5, 0.5, 0.5])
+    for _ in range(30):
+        acc.observe(good, 3, 3)  # every draft accepted
+        acc.observe(bad, 3, 0)  # first draft rejected: positions 1, 2 not tried
+    rg, rb = acc.rates(good), acc.rates(bad)
+    assert rg[0] > 0.8 and rb[0] < 0.2
+    assert bad[0][1] == 0.0 and bad[0][0] > 0  # untried positions are not counted as rejections
+    assert 0.2 < acc.engine_rates()[0] < 0.8  # the engine-wide figure mixes both
+
+
+# -- exactness under any stride schedule --------------------------------------------------------
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def tiny(request):
+    loaded = tiny_loaded(request.param, lora_rank=4)
+    loaded.model.has_lora = False
+    prompts = random_prompts(8, loaded.config.vocab_size, seed=3)
+    return loaded, prompts, [naive_greedy(loaded.model, p, GREEDY.max_tokens) for p in prompts]
+
+
+def _llm(loaded, mode, **kw):
+    loaded.model.has_lora = mode == "risd"
+    return LLM(loaded=loaded, mode=mode, stride=4, kv_cache_tokens=8192, max_num_batched_tokens=512, **kw)
+
+
+@pytest.mark.parametrize("mode", ["isd", "risd"])
+def test_greedy_equal_with_adaptive_on_and_off_and_forced_random_strides(tiny, mode):
+    loaded, prompts, ref = tiny
+    for adaptive in (True, False):
+        llm = _llm(loaded, mode, adaptive_stride=adaptive)
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref, f"adaptive={adaptive} batch 8"
+        assert llm.generate([prompts[2]], GREEDY)[0].token_ids == ref[2], f"adaptive={adaptive} batch 1"
+    for seed in range(3):
+        llm = _llm(loaded, mode)
+        forced = RandomStrides(4, seed)
+        llm.engine.scheduler.policy = forced
+        assert [o.token_ids for o in llm.generate(prompts, GREEDY)] == ref, f"random strides seed {seed}"
+        st = llm.stats()
+        assert forced.seen == {1, 2, 3, 4} and set(st.rounds_by_stride) >= {1, 2, 3, 4}
+        assert st.draft_tokens > 0
+    loaded.model.has_lora = False
+
+
+def test_sampled_isd_with_random_per_round_strides_follows_the_ar_law():
+    V, n = 10, 3000
+    loaded = tiny_loaded("qwen3", vocab_size=V, seed=21, std=0.25, lora_rank=0)
+    prompt = [1, 4, 2, 7]
+    params = [SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True, seed=s) for s in range(n)]
+    exact = _exact_ar_joint(loaded.model, prompt, params[0], V)
+    llm = LLM(loaded=loaded, mode="isd", stride=4, max_num_seqs=512, max_num_batched_tokens=4096, kv_cache_tokens=65536)
+    llm.engine.scheduler.policy = RandomStrides(4, seed=5)
+    outs = llm.generate([prompt] * n, params)
+    st = llm.stats()
+    assert st.rounds["verify_accept"] + st.rounds["verify_reject"] >= n // 2
+    assert set(st.rounds_by_stride) == {1, 2, 3, 4}
+    idx = torch.tensor([o.token_ids[0] * V * V + o.token_ids[1] * V + o.token_ids[2] for o in outs])
+    assert _chi2(torch.bincount(idx, minlength=V**3).float(), exact.float()) > P_MIN
+
+
+def test_engine_records_strides_and_predicted_step_time(tiny):
+    loaded, prompts, ref = tiny
+    llm = _llm(loaded, "isd")
+    assert llm.engine.policy.adaptive and llm.engine.policy.cost is not None
+    llm.generate(prompts[:1], GREEDY)
+    st = llm.stats()
+    assert sum(st.rounds_by_stride.values()) == st.decode_forwards
+    assert st.step_time_predicted > 0 and st.step_time_measured > 0
+    fixed = _llm(loaded, "isd", adaptive_stride=False)
+    fixed.generate(prompts[:1], GREEDY)
+    assert set(fixed.stats().rounds_by_stride) == {4} and fixed.engine.policy.cost is None
+
+
+def test_adaptive_stride_config_is_validated():
+    with pytest.raises(ValueError, match="^adaptive_stride"):
+        LLM(loaded=tiny_loaded("llama"), mode="isd", adaptive_stride="yes")

@@ -1,0 +1,210 @@
+"""Linear layers of the engine's models: fused projections with a gated LoRA per slice, and the CPU
+GEMM backend that makes small blocks cheap.
+
+Owns: `LoRALinear` (one weight whose output rows are named slices, e.g. `q_proj`, `k_proj`, `v_proj`
+of a fused `qkv_proj`, each with an optional low-rank delta applied only at selected rows) and the
+choice of GEMM for its base product.
+
+Why a GEMM backend: on x86 CPUs torch's `F.linear` calls MKL's sgemm, whose small-M path costs a
+7-row block ~1.3-2x a 1-row product (it re-packs the weight every call). oneDNN's linear with the
+weight reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) reads the
+weight straight from that layout: a 7-row product of SmolLM2's layers costs about what one row does,
+and the 1-row product is faster too (bench/step_profile.py). The reordered copy is built lazily, the
+first time a frozen weight meets an input that needs no gradient, and rebuilt when the weight
+changes. `IDLM_CPU_GEMM=torch` forces `F.linear`; CUDA always uses `F.linear` (cuBLAS).
+
+Gated LoRA, fused: the slices' A matrices are stacked (`[S*r, in]`) and their B matrices placed on
+a block diagonal (`[out, S*r]`), so one forward costs two small GEMMs and one add whatever the
+number of slices. Per-slice parameters stay the source of truth (PEFT names, training); the fused
+pair is a cache keyed by their versions. Rows outside the selection are never touched, so they stay
+bitwise equal to the base product (what makes R-ISD lossless).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LoraRows = slice | torch.Tensor | None
+"""Rows that get the LoRA delta: a slice (the engine puts every MASK row last in its flat batch),
+an index tensor (dense training batches), or None (no LoRA this call)."""
+
+
+def cpu_gemm_backend() -> str:
+    """`onednn` (default) or `torch`, from `IDLM_CPU_GEMM` (read on every call, so tests can switch)."""
+    v = os.environ.get("IDLM_CPU_GEMM", "onednn").strip().lower() or "onednn"
+    if v not in ("onednn", "torch"):
+        raise ValueError(f"IDLM_CPU_GEMM: must be 'onednn' or 'torch', got {v!r}")
+    return v
+
+
+def _packed_gemm_wanted(w: torch.Tensor) -> bool:
+    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class LoRALinear(nn.Linear):
+    """`nn.Linear` over the concatenation of named output slices, with an optional gated LoRA per slice."""
+
+    def __init__(self, in_features: int, slices: list[tuple[str, int]], bias: bool = False) -> None:
+        super().__init__(in_features, sum(n for _, n in slices), bias=bias)
+        self.slices = list(slices)  # [(name, out_features)] in output order
+        self.lora_A = nn.ParameterDict()  # slice name -> [r, in]
+        self.lora_B = nn.ParameterDict()  # slice name -> [out_s, r]
+        self.lora_scaling = 0.0
+        self._packed: tuple | None = None  # (weight, its version, -, oneDNN weight or None if unsupported)
+        self._packed_lora: tuple | None = None  # (weight, its version, LoRA versions, oneDNN [W; A])
+        self._fused: tuple | None = None  # (versions of the LoRA params, A [S*r, in], B [out, S*r] * scaling)
+        self._lora_changed()
+
+    # -- slices ---------------------------------------------------------------------------------
+    @property
+    def slice_names(self) -> list[str]:
+        return [n for n, _ in self.slices]
+
+    def slice_range(self, name: str) -> tuple[int, int]:
+        start = 0
+        for n, size in self.slices:
+            if n == name:
+                return start, start + size
+            start += size
+        raise KeyError(name)
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(self._lora_names)
+
+    @property
+    def lora_rank(self) -> int:
+        return next(iter(self.lora_A.values())).shape[0] if self.has_lora else 0
+
+    def add_lora(self, rank: int, scaling: float, names: list[str] | None = None, init_b_zero: bool = True) -> None:
+        """Fresh (trainable) LoRA weights on the named slices (all when None)."""
+        dev, dt = self.weight.device, self.weight.dtype
+        for name in names or self.slice_names:
+            lo, hi = self.slice_range(name)
+            a = torch.empty(rank, self.in_features, device=dev, dtype=dt)
+            nn.init.kaiming_uniform_(a, a=5**0.5)
+            b = torch.zeros(hi - lo, rank, device=dev, dtype=dt)
+            if not init_b_zero:
+                nn.init.normal_(b, std=0.02)
+            self.lora_A[name], self.lora_B[name] = nn.Parameter(a), nn.Parameter(b)
+        self.lora_scaling = scaling
+        self._lora_changed()
+
+    def set_lora(self, name: str, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Frozen LoRA weights of one slice (an adapter loaded from disk)."""
+        dev, dt = self.weight.device, self.weight.dtype
+        self.lora_A[name] = nn.Parameter(a.to(device=dev, dtype=dt), requires_grad=False)
+        self.lora_B[name] = nn.Parameter(b.to(device=dev, dtype=dt), requires_grad=False)
+        self.lora_scaling = scaling
+        self._lora_changed()
+
+    def clear_lora(self) -> None:
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self._lora_changed()
+
+    def _lora_changed(self) -> None:
+        # the slices with LoRA in output order, and their parameters (the fused cache's sources)
+        self._lora_names = [n for n in self.slice_names if n in self.lora_A]
+        self._lora_params = [self.lora_A[n] for n in self._lora_names] + [self.lora_B[n] for n in self._lora_names]
+        self._fused = None
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, lora_rows: LoraRows = None) -> torch.Tensor:
+        if not self.has_lora or lora_rows is None:
+            return self._base(x)
+        if isinstance(lora_rows, slice):
+            if lora_rows.indices(x.shape[0])[0] >= x.shape[0]:
+                return self._base(x)  # no MASK rows this step
+            if torch.is_inference_mode_enabled():
+                return self._forward_tail_rows(x, lora_rows)
+            lora_rows = torch.arange(x.shape[0], device=x.device)[lora_rows]
+        y = self._base(x)
+        if lora_rows.numel() == 0:
+            return y
+        a, b = self._fused_lora()
+        delta = F.linear(F.linear(x.index_select(0, lora_rows), a), b)
+        return y.index_add(0, lora_rows, delta.to(y.dtype))
+
+    def _forward_tail_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The engine's path: the MASK rows are one slice of the flat batch."""
+        a, b = self._fused_lora()
+        merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 else None
+        if merged is not None:
+            # One oneDNN GEMM against [W; A]: the base output and every row's x @ A^T (the clean
+            # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
+            # `out` columns are bit-identical to the product with W alone (each output column is
+            # its own dot product); tests/workers/test_lean_forward.py checks this.
+            full = torch.ops.mkldnn._linear_pointwise(x.contiguous(), merged, self.bias_with_lora_a(), "none", [], "")
+            y, xa = full[:, : self.out_features], full[rows, self.out_features :]
+        else:
+            y, xa = self._base(x), F.linear(x[rows], a)
+        y[rows].addmm_(xa, b.t())  # one add into the MASK rows only
+        return y
+
+    def bias_with_lora_a(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        return torch.cat([self.bias, self.bias.new_zeros(len(self._lora_names) * self.lora_rank)])
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            packed = self._packed_weight()
+            if packed is not None:
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
+        return F.linear(x, w, self.bias)
+
+    def _packed_weight(self, with_lora_a: bool = False) -> torch.Tensor | None:
+        """The weight in oneDNN's layout (None where that path is off); `with_lora_a`: the weight
+        with the fused LoRA A stacked under it, `[out + S*r, in]`."""
+        w = self.weight
+        if w.device.type != "cpu" or cpu_gemm_backend() == "torch":
+            return None
+        key = (w, w._version, [p._version for p in self._lora_params] if with_lora_a else None)
+        p = self._packed_lora if with_lora_a else self._packed
+        if p is None or p[0] is not w or p[1] != key[1] or p[2] != key[2]:
+            packed = None
+            if _packed_gemm_wanted(w):
+                src = torch.cat([w.detach(), self._fused_lora()[0]]) if with_lora_a else w.detach()
+                try:
+                    with torch.no_grad():
+                        packed = torch.ops.mkldnn._reorder_linear_weight(src)
+                except RuntimeError:  # an op build without this path: keep F.linear
+                    packed = None
+            p = (*key, packed)
+            if with_lora_a:
+                self._packed_lora = p
+            else:
+                self._packed = p
+        return p[3]
+
+    def _fused_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [S*r, in], B [out, S*r] with the scaling folded in); cached unless training."""
+        params = self._lora_params
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if not training:
+            key = [p._version for p in params]
+            f = self._fused
+            if f is not None and f[0] == key:
+                return f[1], f[2]
+        names = self._lora_names
+        with torch.set_grad_enabled(training):
+            a = torch.cat([self.lora_A[n] for n in names])  # [S*r, in]
+            r, S = self.lora_rank, len(names)
+            blocks = []
+            for n, size in self.slices:  # row block of each slice; zeros where a slice has no LoRA
+                if n in self.lora_B:
+                    i = names.index(n)
+                    blocks.append(F.pad(self.lora_B[n], (i * r, (S - i - 1) * r)))
+                else:
+                    blocks.append(self.weight.new_zeros(size, S * r))
+            b = torch.cat(blocks) * self.lora_scaling  # [out, S*r]
+        if not training:
+            self._fused = (key, a, b)
+        return a, b

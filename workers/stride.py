@@ -1,0 +1,224 @@
+"""Load-adaptive ISD stride: each round, every decoding request gets a stride n in 1..N (DESIGN §1).
+
+Owns: `StepCostModel` (step time against rows in the step: calibrated at start-up, refined online
+from measured steps), `AcceptanceEstimator` (conditional acceptance per draft position: an
+engine-wide running estimate that is the prior of every request's own running estimate), the
+steady-state round value (`round_value`), and `StridePolicy.choose`, which picks the strides that
+maximise the expected committed tokens per second of the whole step.
+
+Why it is lossless: a round with stride n verifies the first n-1 of a request's drafts (a draft
+sequence may be cut: the tail is dropped, never verified) and proposes n-1 new ones; every round is
+still a speculative-sampling round, so greedy output is AR's and sampled output is AR-distributed
+whatever the schedule of strides.
+
+Value of a stride (the paper's TPF formula, with per-position acceptance): with conditional
+acceptance a_j of draft j given drafts 0..j-1 accepted, P_k = a_0 ... a_{k-1} is the chance that
+the first k drafts are accepted. A verify round with n-1 drafts commits 1 + P_1 + ... + P_{n-1}
+tokens and stays in verify rounds with probability P_{n-1} (else a cold round, 1 token, follows),
+so in the steady state
+    tokens per round E(n) = (2 - P_{n-1} + P_1 + ... + P_{n-1}) / (2 - P_{n-1})
+    rows per round   R(n) = n + (n - 1) / (2 - P_{n-1})     (cold rounds feed n rows, verify 2n-1)
+(uniform a = p gives the paper's (2 + p + ... + p^(n-2)) / (2 - p^(n-1))). `choose` maximises
+sum_i E_i(n_i) / t(rows_other + sum_i R_i(n_i)) over the allocations a price per row traces out
+(each request maximises E_i(n) - mu * R_i(n); a grid of mu from 0 to "every request AR"), scored
+exactly with t, so a non-convex cost curve (cheap rows up to a knee, then compute-bound) is
+handled without a local linearisation.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+
+class StepCostModel:
+    """Step time (seconds) against rows in the step, piecewise linear between measured points."""
+
+    def __init__(self, points: list[int], times: list[float], rate: float = 0.1) -> None:
+        if len(points) != len(times) or not points or any(b <= a for a, b in zip(points, points[1:])):
+            raise ValueError("points: need ascending row counts, one time each")
+        self.points = [int(p) for p in points]
+        self.times = [float(t) for t in times]
+        self.rate = rate
+        self._monotone()
+
+    @classmethod
+    def calibrate(cls, time_rows: Callable[[int], float], max_rows: int, rounds: int = 2,
+                  max_seconds: float = 0.3) -> StepCostModel:
+        """Times `time_rows(r)` (one forward of r rows, seconds) at r = 1, 2, 4, ... up to `max_rows`
+        (or until one forward takes `max_seconds`; beyond, the last slope is extended). One
+        untimed pass first (lazy weight packing, first touch of the KV pages), then `rounds`
+        interleaved passes; each point keeps its minimum (timing noise only ever adds)."""
+        time_rows(1)  # warm-up: lazy weight packing (slow once), so it cannot end the sweep early
+        time_rows(min(7, max_rows))  # the same for the weights merged with LoRA A (MASK rows)
+        points, r = [], 1
+        while r <= max_rows:
+            points.append(r)
+            if time_rows(r) > max_seconds:
+                break
+            r *= 2
+        if points[-1] < max_rows and r > max_rows and time_rows(max_rows) <= max_seconds:
+            points.append(max_rows)
+        best = [math.inf] * len(points)
+        for _ in range(rounds):
+            for i, p in enumerate(points):
+                best[i] = min(best[i], time_rows(p))
+        return cls(points, best)
+
+    def _monotone(self) -> None:
+        for i in range(1, len(self.times)):  # more rows never cost less
+            self.times[i] = max(self.times[i], self.times[i - 1])
+
+    def _bracket(self, rows: float) -> tuple[int, float]:
+        p = self.points
+        i = min(max(bisect.bisect_right(p, rows) - 1, 0), len(p) - 2) if len(p) > 1 else 0
+        if len(p) == 1:
+            return 0, 0.0
+        return i, (rows - p[i]) / (p[i + 1] - p[i])
+
+    def predict(self, rows: float) -> float:
+        """Seconds for a step of `rows` rows (the last segment extended beyond the last point)."""
+        if len(self.points) == 1 or rows <= self.points[0]:
+            return self.times[0]
+        i, w = self._bracket(rows)
+        return self.times[i] + w * (self.times[i + 1] - self.times[i])
+
+    def slope(self, rows: float) -> float:
+        """dt/drows at `rows` (the last segment's slope beyond the last point)."""
+        if len(self.points) == 1:
+            return 0.0
+        i, _ = self._bracket(max(rows, self.points[0]))
+        return (self.times[i + 1] - self.times[i]) / (self.points[i + 1] - self.points[i])
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Moves the two points around `rows` toward a measured step time."""
+        if len(self.points) == 1 or rows <= self.points[0]:
+            self.times[0] += self.rate * (seconds - self.times[0])
+        else:
+            i, w = self._bracket(rows)
+            w = min(w, 1.0)
+            err = seconds - self.predict(rows)
+            self.times[i] += self.rate * (1 - w) * err
+            self.times[i + 1] += self.rate * w * err
+        self.times = [max(t, 0.0) for t in self.times]
+        self._monotone()
+
+
+class AcceptanceEstimator:
+    """Conditional acceptance per draft position. Engine-wide: exponentially weighted counts over all
+    requests (`engine_decay` per observation). Per request: its own weighted counts, shrunk toward
+    the engine-wide estimate with `prior_weight` pseudo-observations, so a new request starts at the
+    engine's figure and moves to its own as it verifies drafts."""
+
+    def __init__(self, max_drafts: int, prior: float = 0.5, prior_weight: float = 4.0,
+                 request_decay: float = 0.9, engine_decay: float = 0.998) -> None:
+        self.max_drafts = max_drafts
+        self.prior_weight = prior_weight
+        self.request_decay = request_decay
+        self.engine_decay = engine_decay
+        self.tried = [prior_weight] * max_drafts  # engine-wide weighted counts, seeded by the prior
+        self.hits = [prior * prior_weight] * max_drafts
+
+    def engine_rates(self) -> list[float]:
+        return [h / t for h, t in zip(self.hits, self.tried)]
+
+    def observe(self, state: list[list[float]], num_verified: int, num_accepted: int) -> None:
+        """A verify round of one request: drafts 0..num_verified-1 were checked in order until the
+        first rejection, so position j was tried iff j <= num_accepted (and j < num_verified)."""
+        tried, hits = state
+        for j in range(min(num_verified, num_accepted + 1, self.max_drafts)):
+            ok = 1.0 if j < num_accepted else 0.0
+            tried[j] = self.request_decay * tried[j] + 1.0
+            hits[j] = self.request_decay * hits[j] + ok
+            self.tried[j] = self.engine_decay * self.tried[j] + 1.0
+            self.hits[j] = self.engine_decay * self.hits[j] + ok
+
+    def new_state(self) -> list[list[float]]:
+        return [[0.0] * self.max_drafts, [0.0] * self.max_drafts]
+
+    def rates(self, state: list[list[float]]) -> list[float]:
+        w = self.prior_weight
+        return [(h + w * e) / (t + w) for h, t, e in zip(state[1], state[0], self.engine_rates())]
+
+
+def round_value(rates: list[float], n: int) -> tuple[float, float]:
+    """(tokens per round, rows per round) in the steady state of stride n (module docstring)."""
+    if n <= 1:
+        return 1.0, 1.0
+    P, cum = 1.0, 0.0
+    for a in rates[: n - 1]:
+        P *= a
+        cum += P
+    d = 2.0 - P
+    return (d + cum) / d, n + (n - 1) / d
+
+
+# Prices (tokens given up per extra row) tried by `StridePolicy.choose`: 0 (most tokens per
+# round), a log grid, and one above any stride's marginal value (every request AR).
+_PRICES = np.concatenate([[0.0], np.geomspace(1e-3, 2.0, 40), [1e6]])
+
+
+def value_table(rates: list[float], max_stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """E(n), R(n) for n = 1..max_stride: two arrays [max_stride]."""
+    e, r = np.ones(max_stride), np.ones(max_stride)
+    P, cum = 1.0, 0.0
+    for n in range(2, max_stride + 1):
+        P *= rates[n - 2]
+        cum += P
+        d = 2.0 - P
+        e[n - 1], r[n - 1] = (d + cum) / d, n + (n - 1) / d
+    return e, r
+
+
+class StridePolicy:
+    """Chooses each decoding request's stride for the coming step (fixed N when not adaptive)."""
+
+    def __init__(self, max_stride: int, adaptive: bool, cost: StepCostModel | None = None,
+                 acceptance: AcceptanceEstimator | None = None, probe_every: int = 16,
+                 probe_requests: int = 4) -> None:
+        self.max_stride = max_stride
+        self.adaptive = adaptive and max_stride > 1
+        self.cost = cost
+        self.acceptance = acceptance or AcceptanceEstimator(max(max_stride - 1, 1))
+        # Exploration: the cost model only learns at the row counts it runs, and acceptance only
+        # where drafts are verified. Every `probe_every` steps the choice is perturbed: an AR step
+        # when it chose drafting (cheap: fewer rows), else stride 2 for up to `probe_requests`.
+        self.probe_every = probe_every
+        self.probe_requests = probe_requests
+        self._calls = 0
+
+    def choose(self, states: list[list[list[float]]], other_rows: int = 0) -> tuple[list[int], int]:
+        """Strides for requests with acceptance states `states`, plus the stride a newly admitted
+        request starts with (the engine-wide estimate's choice); `other_rows`: rows of prefill
+        chunks expected in the same step."""
+        N = self.max_stride
+        if not self.adaptive or self.cost is None:
+            return [N] * len(states), N
+        rates = [self.acceptance.rates(s) for s in states] + [self.acceptance.engine_rates()]
+        tables = [value_table(r, N) for r in rates]
+        E = np.stack([t[0] for t in tables])  # [B+1, N]; the last row: a new request (not counted)
+        R = np.stack([t[1] for t in tables])
+        B = len(states)
+        # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
+        # its convex hull); the allocation with the best exact tokens/second over the grid wins.
+        choice = np.argmax(E[None] - _PRICES[:, None, None] * R[None], axis=2)  # [G, B+1]
+        cols = np.arange(B + 1)[None]
+        rows = other_rows + R[cols, choice][:, :B].sum(1)  # [G]
+        tokens = E[cols, choice][:, :B].sum(1)
+        t = np.interp(rows, self.cost.points, self.cost.times)
+        beyond = rows > self.cost.points[-1]
+        if beyond.any():  # np.interp clamps: extend the last segment instead
+            t[beyond] = [self.cost.predict(r) for r in rows[beyond]]
+        best_choice = choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))]
+        strides = (best_choice + 1).tolist()
+        self._calls += 1
+        if self.probe_every and B and self._calls % self.probe_every == 0:
+            if any(n > 1 for n in strides[:B]):
+                strides[:B] = [1] * B
+            else:
+                for i in range(min(B, self.probe_requests)):
+                    strides[(self._calls // self.probe_every + i) % B] = 2
+        return strides[:B], strides[B]
