@@ -8,7 +8,8 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     model: smollm2            # alias, HF directory, .gguf, or hub id in the local HF cache
     served_model_name: null   # the `model` clients send; default: `model`
     mode: isd                 # ar | isd | risd
-    stride: 4
+    stride: 4                 # the most tokens per forward
+    adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
     max_num_seqs: 32          # engine limits (workers.EngineConfig)
     replica:
       num_replicas: 2         # or autoscaling_config: {min_replicas, max_replicas, target_ongoing_requests}
@@ -124,6 +125,7 @@ class AppConfig(_Strict):
     served_model_name: str | None = None
     mode: Literal["ar", "isd", "risd"] = "isd"
     stride: int = Field(4, ge=1, le=16)
+    adaptive_stride: bool = True
     adapter: str | None = None
     mask_token_id: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -163,6 +165,7 @@ class AppConfig(_Strict):
             model=self.model,
             mode=self.mode,
             stride=self.stride,
+            adaptive_stride=self.adaptive_stride,
             adapter=self.adapter,
             mask_token_id=self.mask_token_id,
             dtype=self.dtype,

@@ -10,11 +10,15 @@ COUNTERS = {
     "idlm_accepted_tokens_per_pos": "ISD drafts accepted, by draft position.",
     "idlm_rounds": "ISD rounds by kind (cold, verify_accept, verify_reject).",
     "idlm_requests": "Finished requests by finish reason.",
+    "idlm_rounds_by_stride": "Decode rounds by the stride n they ran with (label `stride` = the round's n; "
+                             "the adaptive stride picks n in 1..N).",
 }
 GAUGES = {
     "idlm_num_requests_running": "Requests in the running batch.",
     "idlm_num_requests_waiting": "Requests waiting for admission.",
     "idlm_kv_cache_usage_ratio": "Fraction of KV blocks in use.",
+    "idlm_step_time_predicted_seconds": "Adaptive stride: the step-cost model's predicted step time (moving average).",
+    "idlm_step_time_measured_seconds": "Adaptive stride: the measured step time of the same steps (moving average).",
 }
 HISTOGRAMS = {
     "idlm_time_to_first_token_seconds": "Time to first token.",
@@ -24,6 +28,8 @@ HISTOGRAMS = {
     "idlm_step_duration_seconds": "Engine step duration.",
 }
 LABELS = ("model", "mode", "stride", "replica")
+"""Labels of every engine series; `stride` is the configured (maximum) stride N, except on
+`idlm_rounds_by_stride`, where it is the stride the round ran with."""
 
 
 def exported_names() -> list[str]:

@@ -48,7 +48,11 @@ class EngineMetricsExporter:
     def __init__(self, model: str, mode: str, stride: int, replica: str) -> None:
         self.tags = {"model": model, "mode": mode, "stride": str(stride), "replica": replica}
         extra = {"idlm_accepted_tokens_per_pos": ("position",), "idlm_rounds": ("kind",), "idlm_requests": ("finish_reason",)}
-        self.counters = {n: rm.Counter(n, d, tag_keys=LABELS + extra.get(n, ())) for n, d in COUNTERS.items()}
+        self.counters = {n: rm.Counter(n, d, tag_keys=LABELS + extra.get(n, ())) for n, d in COUNTERS.items()
+                         if n != "idlm_rounds_by_stride"}
+        # its `stride` label is the round's stride (not the configured maximum, which it replaces)
+        self.counters["idlm_rounds_by_stride"] = rm.Counter(
+            "idlm_rounds_by_stride", COUNTERS["idlm_rounds_by_stride"], tag_keys=LABELS)
         self.gauges = {n: rm.Gauge(n, d, tag_keys=LABELS) for n, d in GAUGES.items()}
         self.hists = {n: rm.Histogram(n, d, boundaries=_BUCKETS[n], tag_keys=LABELS) for n, d in HISTOGRAMS.items()}
         self.prev = EngineStats()
@@ -79,9 +83,14 @@ class EngineMetricsExporter:
         for k, v in st.requests.items():
             if v - p.requests.get(k, 0) > 0:
                 c["idlm_requests"].inc(v - p.requests.get(k, 0), tags={**t, "finish_reason": k})
+        for n, v in st.rounds_by_stride.items():
+            if v - p.rounds_by_stride.get(n, 0) > 0:
+                c["idlm_rounds_by_stride"].inc(v - p.rounds_by_stride.get(n, 0), tags={**t, "stride": str(n)})
         self.gauges["idlm_num_requests_running"].set(st.num_running, tags=t)
         self.gauges["idlm_num_requests_waiting"].set(st.num_waiting, tags=t)
         self.gauges["idlm_kv_cache_usage_ratio"].set(st.kv_cache_usage, tags=t)
+        self.gauges["idlm_step_time_predicted_seconds"].set(st.step_time_predicted, tags=t)
+        self.gauges["idlm_step_time_measured_seconds"].set(st.step_time_measured, tags=t)
         for name, field in _OBS_FIELD.items():
             for v in getattr(obs, field):
                 self.hists[name].observe(v, tags=t)

@@ -175,14 +175,19 @@ class LLMEngine:
         outputs = [o for r in results if (o := self._apply(r, now)) is not None]
         rows, elapsed = sched.num_tokens, now - t0
         cost = self.policy.cost
-        predicted = cost.predict(rows) if cost is not None else 0.0
-        # Refine the cost model on decode-like steps (most rows need logits), where it is used.
-        if cost is not None and 2 * runner_out.logits.shape[0] >= rows:
+        # Decode-like steps (most rows need logits) are where the cost model is used: they refine
+        # it, and their prediction and measurement are tracked side by side (moving averages).
+        decode_like = cost is not None and 2 * runner_out.logits.shape[0] >= rows
+        predicted = cost.predict(rows) if decode_like else 0.0
+        if decode_like:
             cost.observe(rows, elapsed)
         with self.stats as (st, obs):
             st.steps += 1
             st.preemptions += len(sched.preempted)
-            st.step_time_predicted, st.step_time_measured = predicted, elapsed
+            if decode_like:
+                first = st.step_time_measured == 0.0
+                st.step_time_predicted += predicted - st.step_time_predicted if first else 0.1 * (predicted - st.step_time_predicted)
+                st.step_time_measured += elapsed - st.step_time_measured if first else 0.1 * (elapsed - st.step_time_measured)
             obs.step_duration.append(elapsed)
         self._update_gauges()
         return outputs

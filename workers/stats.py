@@ -51,9 +51,10 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     step_time_predicted: float = 0.0
-    """The stride cost model's prediction for the last step (seconds; 0 without adaptive stride)."""
+    """Adaptive stride: moving average of the cost model's step-time predictions (seconds) over
+    decode-like steps (0 without adaptive stride)."""
     step_time_measured: float = 0.0
-    """The last step's measured duration (seconds)."""
+    """The measured durations of the same steps, same moving average."""
 
     @property
     def tokens_per_forward(self) -> float:

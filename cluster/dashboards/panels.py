@@ -162,6 +162,17 @@ ISD = Row("Throughput and introspective strided decoding", [
     Panel("ISD rounds by kind", "Rounds per second: cold, verify_accept (all drafts accepted), verify_reject.", [
         Target(f"sum by (kind) ({rate(m('idlm_rounds'))})", "{{kind}}"),
     ], unit="ops", stack=True),
+    Panel("Rounds by stride (adaptive stride)",
+          "Decode rounds per second by the stride n each ran with: long strides under light load "
+          "(memory-bound forwards), n = 1 (AR) under heavy load.", [
+              Target(f"sum by (stride) ({rate(m('idlm_rounds_by_stride'))})", "n={{stride}}"),
+          ], unit="ops", stack=True),
+    Panel("Step time: cost model vs measured",
+          "The adaptive stride's step-cost model (predicted) against measured step time, moving "
+          "averages over decode steps, per replica. Far apart: the model is re-learning.", [
+              Target(f"max by (replica) ({m('idlm_step_time_predicted_seconds')}{{{ENGINE}}})", "predicted {{replica}}"),
+              Target(f"max by (replica) ({m('idlm_step_time_measured_seconds')}{{{ENGINE}}})", "measured {{replica}}"),
+          ], unit="s", min=0),
     Panel("Finished requests by reason", "Finished requests per second by finish_reason.", [
         Target(f"sum by (finish_reason) ({rate(m('idlm_requests'))})", "{{finish_reason}}"),
     ], unit="reqps", stack=True),

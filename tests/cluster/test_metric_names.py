@@ -6,8 +6,11 @@ DESIGN_COUNTERS = [
     "idlm_prompt_tokens_total", "idlm_generation_tokens_total", "idlm_decode_forwards_total",
     "idlm_draft_tokens_total", "idlm_accepted_tokens_total", "idlm_accepted_tokens_per_pos_total",
     "idlm_rounds_total", "idlm_requests_total",
+    "idlm_rounds_by_stride_total",  # DESIGN §3 "added with the features that need them": adaptive stride
 ]
-DESIGN_GAUGES = ["idlm_num_requests_running", "idlm_num_requests_waiting", "idlm_kv_cache_usage_ratio"]
+DESIGN_GAUGES = ["idlm_num_requests_running", "idlm_num_requests_waiting", "idlm_kv_cache_usage_ratio",
+                 # the adaptive stride's cost model, predicted vs measured (docs/benchmarks.md)
+                 "idlm_step_time_predicted_seconds", "idlm_step_time_measured_seconds"]
 DESIGN_HISTOGRAMS = [
     "idlm_time_to_first_token_seconds", "idlm_inter_token_latency_seconds", "idlm_e2e_request_latency_seconds",
     "idlm_request_tokens_per_forward", "idlm_step_duration_seconds",

@@ -55,9 +55,11 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
     if not any(m.has_lora for m in model.modules() if isinstance(m, LoRALinear)):
         torch.manual_seed(0)
         model.add_lora(8, 16, ALL_PROJ, init_b_zero=False)
-    risd = LLM(loaded=_loaded(smol, True), mode="risd", stride=4)
-    assert [o.token_ids for o in risd.generate(prompts, params)] == ar
-    assert risd.generate([prompts[3]], params)[0].token_ids == ar[3]
+    for adaptive in (True, False):  # the load-adaptive stride changes the schedule, never the tokens
+        risd = LLM(loaded=_loaded(smol, True), mode="risd", stride=4, adaptive_stride=adaptive)
+        assert [o.token_ids for o in risd.generate(prompts, params)] == ar, f"risd adaptive={adaptive} batched"
+        assert risd.generate([prompts[3]], params)[0].token_ids == ar[3], f"risd adaptive={adaptive} alone"
+        assert risd.stats().draft_tokens > 0
     model.has_lora = False
 
 
@@ -124,7 +126,8 @@ def test_shipped_demo_adapter(smol):
     assert info.mask_token_id == 16
     params = SamplingParams(temperature=0, max_tokens=48)
     ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar").generate(prompts, params)]
-    risd = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4)
+    # fixed stride: this measures the adapter's drafts, not the load-adaptive schedule
+    risd = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False)
     out = risd.generate(prompts, params)
     assert [o.token_ids for o in out] == ar
     assert risd.stats().tokens_per_forward > 1.25, risd.stats().tokens_per_forward  # these 8 prompts: 1.47

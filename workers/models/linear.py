@@ -50,8 +50,8 @@ def _packed_gemm_wanted(w: torch.Tensor) -> bool:
 class LoRALinear(nn.Linear):
     """`nn.Linear` over the concatenation of named output slices, with an optional gated LoRA per slice."""
 
-    def __init__(self, in_features: int, slices: list[tuple[str, int]], bias: bool = False) -> None:
-        super().__init__(in_features, sum(n for _, n in slices), bias=bias)
+    def __init__(self, in_features: int, slices: list[tuple[str, int]], bias: bool = False, device=None) -> None:
+        super().__init__(in_features, sum(n for _, n in slices), bias=bias, device=device)
         self.slices = list(slices)  # [(name, out_features)] in output order
         self.lora_A = nn.ParameterDict()  # slice name -> [r, in]
         self.lora_B = nn.ParameterDict()  # slice name -> [out_s, r]

@@ -179,7 +179,19 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits of `hidden` [R, H]. On the CPU a bf16/fp16 model computes them in fp32 (from an
+        fp32 copy of the head, made once): rounding logits to bf16 would tie near-equal top tokens.
+        (On CUDA the head's product accumulates in fp32 and is returned in the model dtype.)"""
+        w = self.lm_head.weight
+        if w.dtype == torch.float32 or w.device.type != "cpu" or torch.is_grad_enabled():
+            return self.lm_head(hidden)
+        head = self.__dict__.get("_lm_head_fp32")
+        if head is None or head[0] is not w or head[1] != w._version:
+            with torch.inference_mode(False):  # a normal tensor (it has a version counter)
+                lin = LoRALinear(self.config.hidden_size, [("lm_head", self.config.vocab_size)], device="meta")
+                lin.weight = nn.Parameter(w.detach().float(), requires_grad=False)
+            head = self.__dict__["_lm_head_fp32"] = (w, w._version, lin)  # not a submodule: no state_dict entry
+        return head[2](hidden.float())
 
     def hf_projections(self) -> dict[str, tuple[str, str]]:
         """HF module path of every projection (`model.layers.0.self_attn.q_proj`, `lm_head`) ->
@@ -196,14 +208,12 @@ class CausalLM(nn.Module):
     def add_lora(self, rank: int, alpha: float, target_modules: list[str], init_b_zero: bool = True) -> None:
         """Attach (untrained) gated-LoRA weights to the named projections (HF names: `q_proj`, ...)
         of every layer."""
-        mods = dict(self.named_modules())
-        found = set()
-        for hf, (name, s) in self.hf_projections().items():
-            leaf = hf.rpartition(".")[2]
-            if leaf in target_modules and hf.startswith("model.layers."):
-                mods[name].add_lora(rank, alpha / rank, [s], init_b_zero=init_b_zero)
-                found.add(leaf)
-        missing = sorted(set(target_modules) - found)
+        projs = {hf: v for hf, v in self.hf_projections().items() if hf.startswith("model.layers.")}
+        missing = sorted(set(target_modules) - {hf.rpartition(".")[2] for hf in projs})
         if missing:
             raise ValueError(f"target_modules: {missing} are not projections of this model's layers")
+        mods = dict(self.named_modules())
+        for hf, (name, s) in projs.items():
+            if hf.rpartition(".")[2] in target_modules:
+                mods[name].add_lora(rank, alpha / rank, [s], init_b_zero=init_b_zero)
         self.has_lora = True

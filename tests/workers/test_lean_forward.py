@@ -1,0 +1,146 @@
+"""The lean small-block forward: fused projections, the CPU GEMM backend, the gated LoRA on the
+tail slice of MASK rows, and the runner's flat layout (clean rows first, every MASK row last)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tiny import tiny_loaded
+from workers.attention import AttentionMetadata
+from workers.loader import fuse_state_dict, hf_shapes, load_model
+from workers.model_runner import _row_of
+from workers.models.linear import LoRALinear, cpu_gemm_backend
+
+BACKENDS = ["onednn", "torch"]
+
+
+@pytest.fixture(params=BACKENDS)
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("IDLM_CPU_GEMM", request.param)
+    return request.param
+
+
+def _flat_batch(loaded, masks_per_req=(3, 3, 0), clean_per_req=(4, 2, 5), ctx=(6, 9, 3)):
+    """A ragged flat batch in the runner's layout: every request's clean rows first (item order),
+    then every MASK row; returns the model inputs and the KV caches, filled by a prefill."""
+    cfg, model = loaded.config, loaded.model
+    g = torch.Generator().manual_seed(3)
+    B, bs = len(clean_per_req), 16
+    tables = [[2 * i, 2 * i + 1] for i in range(B)]
+    kv = [(torch.zeros(2 * B * bs, cfg.num_kv_heads, cfg.head_dim), torch.zeros(2 * B * bs, cfg.num_kv_heads, cfg.head_dim))
+          for _ in range(cfg.num_layers)]
+    with torch.inference_mode():  # cached prefixes of each request
+        ids = torch.randint(0, cfg.vocab_size - 1, (sum(ctx),), generator=g)
+        meta = AttentionMetadata.build(list(ctx), [0] * B, tables, bs)
+        model(ids, meta.positions, kv_caches=kv, meta=meta)
+    clean = [torch.randint(0, cfg.vocab_size - 1, (n,), generator=g).tolist() for n in clean_per_req]
+    q_lens = [c + m for c, m in zip(clean_per_req, masks_per_req)]
+    n_clean = sum(clean_per_req)
+    ids = torch.tensor(sum(clean, []) + [loaded.mask_token_id] * sum(masks_per_req))
+    row_of = _row_of(q_lens, list(clean_per_req), n_clean)
+    meta = AttentionMetadata.build(q_lens, list(ctx), tables, bs, row_of=row_of)
+    return ids, meta, kv, n_clean
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_gated_lora_clean_rows_bitwise_equal_to_the_base_path(family, gemm):
+    """On the engine's paged path (MASK rows one tail slice, LoRA A merged into the base GEMM on
+    oneDNN), every clean row's hidden state is bit-identical with and without the adapter."""
+    loaded = tiny_loaded(family, lora_rank=4)
+    ids, meta, kv, n_clean = _flat_batch(loaded)
+    m = loaded.model
+    with torch.inference_mode():
+        m.has_lora = False
+        base = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
+        m.has_lora = True
+        gated = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
+    m.has_lora = False
+    assert torch.equal(gated[:n_clean], base[:n_clean])
+    assert (gated[n_clean:] - base[n_clean:]).abs().amax(-1).gt(0).all()  # every MASK row changed
+    assert cpu_gemm_backend() == gemm
+
+
+def test_tail_slice_path_equals_the_index_path():
+    """The engine's slice path (in-place add, merged GEMM) and the dense/training index path give
+    the same LoRA rows (to fp32 rounding) and identical clean rows."""
+    loaded = tiny_loaded("qwen3", lora_rank=4)
+    ids, meta, kv, n_clean = _flat_batch(loaded)
+    m = loaded.model
+    m.has_lora = True
+    gate = torch.zeros(ids.shape[0], dtype=torch.bool)
+    gate[n_clean:] = True
+    with torch.inference_mode():
+        fast = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
+    with torch.no_grad():
+        slow = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_mask=gate)
+    m.has_lora = False
+    assert torch.equal(fast[:n_clean], slow[:n_clean])
+    torch.testing.assert_close(fast[n_clean:], slow[n_clean:], rtol=1e-5, atol=1e-5)
+
+
+def test_flat_layout_matches_request_order_layout():
+    """Putting MASK rows last changes nothing but row order: the same requests fed with each
+    request's rows together (no LoRA, so only attention and positions are under test)."""
+    loaded = tiny_loaded("llama")
+    ids, meta, kv, n_clean = _flat_batch(loaded)
+    row_of = _row_of([7, 5, 5], [4, 2, 5], n_clean)
+    m = loaded.model
+    with torch.inference_mode():
+        tail = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta)
+        ordered = AttentionMetadata.build([7, 5, 5], [6, 9, 3], [[0, 1], [2, 3], [4, 5]], 16)
+        inorder = m(ids[row_of], ordered.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=ordered)
+    torch.testing.assert_close(tail[row_of], inorder, rtol=1e-5, atol=1e-5)
+    assert torch.equal(meta.positions[row_of], ordered.positions)
+
+
+def test_onednn_linear_matches_f_linear_and_is_rebuilt_when_the_weight_changes(monkeypatch):
+    lin = LoRALinear(48, [("a", 32), ("b", 16)])
+    x = torch.randn(7, 48)
+    with torch.inference_mode():
+        y = lin(x)
+    torch.testing.assert_close(y, F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(2.0)  # in-place: a new version, so the packed copy is rebuilt
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), 2 * y, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("IDLM_CPU_GEMM", "nope")
+    with pytest.raises(ValueError, match="^IDLM_CPU_GEMM"):
+        with torch.inference_mode():
+            lin(x)
+
+
+def test_gradients_flow_through_the_lora_and_not_the_packed_path():
+    """Training keeps working: with grad enabled the base product is F.linear (autograd), the LoRA
+    slices get gradients only in their own blocks, and the cached fused pair is not used."""
+    lin = LoRALinear(16, [("q", 8), ("k", 4), ("v", 4)])
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    lin.add_lora(2, 1.0, ["q", "v"], init_b_zero=False)
+    x = torch.randn(5, 16)
+    rows = torch.tensor([3, 4])
+    y = lin(x, rows)
+    y.sum().backward()
+    assert set(n for n, p in lin.named_parameters() if p.grad is not None) == {
+        "lora_A.q", "lora_A.v", "lora_B.q", "lora_B.v"}
+    ref = F.linear(x, lin.weight)
+    for name, (lo, hi) in (("q", (0, 8)), ("v", (12, 16))):
+        a, b = lin.lora_A[name], lin.lora_B[name]
+        ref[3:, lo:hi] += (x[3:] @ a.t()) @ b.t()
+    torch.testing.assert_close(y, ref)
+
+
+def test_hf_checkpoint_names_map_to_fused_projections(tiny_qwen3_dir):
+    model, cfg = load_model(tiny_qwen3_dir)
+    shapes = hf_shapes(model)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+    assert shapes["model.layers.1.mlp.up_proj.weight"] == (cfg.intermediate_size, cfg.hidden_size)
+    assert not any("qkv_proj" in k or "gate_up_proj" in k for k in shapes)
+    sd = {k: torch.randn(s) for k, s in shapes.items()}
+    fused = fuse_state_dict(model, sd)
+    qkv = fused["model.layers.0.self_attn.qkv_proj.weight"]
+    names = [f"model.layers.0.self_attn.{p}.weight" for p in ("q_proj", "k_proj", "v_proj")]
+    assert torch.equal(qkv, torch.cat([sd[n] for n in names]))
+    assert torch.equal(fused["model.layers.0.mlp.gate_up_proj.weight"],
+                       torch.cat([sd["model.layers.0.mlp.gate_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"]]))
+    with pytest.raises(ValueError, match="^target_modules"):
+        model.add_lora(2, 4, ["q_proj", "not_a_proj"])
