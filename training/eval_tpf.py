@@ -1,7 +1,7 @@
-"""R-ISD evaluation on the held-out prompts (greedy, our engine):
+"""R-ISD evaluation on an evaluation split (greedy, our engine):
 
-    python -m training.eval_tpf --model smollm2 --adapter workers/adapters/smollm2-risd --stride 4
-    python -m training.eval_tpf --split novel --stride 4   # prompts unlike any training prompt
+    python -m training.eval_tpf --model smollm2 --adapter workers/adapters/smollm2-risd --stride 4   # far split
+    python -m training.eval_tpf --split novel --stride 4     # or heldout
 
 Prints TPF, per-position acceptance and rounds by kind, and checks that the R-ISD greedy text equals
 the AR greedy text (the stored held-out responses were produced by the engine in mode="ar" with the
@@ -27,9 +27,10 @@ def main(argv=None) -> None:
     ap.add_argument("--max-tokens", type=int, default=0,
                     help="default: the data builder's (meta.json), so the stored AR responses are the reference")
     ap.add_argument("--heldout", type=int, default=60)
-    ap.add_argument("--split", choices=["heldout", "novel"], default="heldout",
-                    help="DATA/SPLIT.jsonl: heldout (unseen pairings of trained topics and templates) or "
-                         "novel (topics and templates no training prompt has; `training.data --novel`)")
+    ap.add_argument("--split", choices=["heldout", "novel", "far"], default="far",
+                    help="DATA/SPLIT.jsonl: far (hand-written everyday requests from no training generator: "
+                         "the figure that counts; `training.data --far`), heldout (unseen pairings of trained "
+                         "topics and templates) or novel (topics and templates no training prompt has)")
     ap.add_argument("--recompute-ar", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -49,11 +50,12 @@ def main(argv=None) -> None:
     if not rows:  # the data builder has not produced this split: same prompts, AR recomputed
         import random
 
+        from training.far_prompts import FAR_PROMPTS
         from training.prompts import all_prompts, novel_prompts
 
         ps = all_prompts()
         random.Random(0).shuffle(ps)
-        ps = novel_prompts() if a.split == "novel" else ps[-a.heldout :]
+        ps = {"novel": novel_prompts(), "far": list(FAR_PROMPTS)}.get(a.split, ps[-a.heldout :])
         rows = [{"prompt": p} for p in ps]
         a.recompute_ar = True
     if a.limit:
@@ -61,17 +63,19 @@ def main(argv=None) -> None:
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=False)
     ar = None
     if "prompt_ids" not in rows[0]:
-        ar = LLM(a.model, mode="ar", device=a.device, dtype=a.dtype)
+        ar = LLM(a.model, mode="ar", device=a.device, dtype=a.dtype, adaptive_stride=False)
         for r in rows:
             r["prompt_ids"] = ar.encode_chat([{"role": "user", "content": r["prompt"]}])
     prompts = [r["prompt_ids"] for r in rows]
     ref = [r.get("response_ids") for r in rows]
     if a.recompute_ar:
-        ar = ar or LLM(a.model, mode="ar", device=a.device, dtype=a.dtype)
+        ar = ar or LLM(a.model, mode="ar", device=a.device, dtype=a.dtype, adaptive_stride=False)
         ref = [list(o.token_ids) for o in ar.generate(prompts, sp)]
     report = {}
     for n in a.stride:
-        llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter, device=a.device, dtype=a.dtype)
+        # fixed stride: this measures the adapter's drafts at N, not the load-adaptive schedule
+        llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter, device=a.device, dtype=a.dtype,
+                  adaptive_stride=False)
         t0 = time.time()
         outs = []
         for i in range(0, len(prompts), a.batch):

@@ -61,6 +61,11 @@ def main(argv=None) -> None:
                     help="seconds of training after which the run saves and stops early (0: none)")
     ap.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                     help="adapter file dtype (float16 halves the file; the engine casts on load)")
+    ap.add_argument("--base-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the frozen base model; bfloat16 runs the base products under autocast "
+                         "(native bf16 CPUs, GPUs) while the LoRA weights and optimizer stay fp32")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the LoRA weights")
+    ap.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA path's input (training only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     if not 0.0 <= a.distill <= 1.0 or (a.distill and a.objective != "gated-lora"):
@@ -71,7 +76,7 @@ def main(argv=None) -> None:
     from workers.loader import load_adapter, load_model, resolve_model, save_adapter
 
     model_dir = resolve_model(a.model)
-    model, cfg = load_model(model_dir, device=a.device)
+    model, cfg = load_model(model_dir, device=a.device, dtype=getattr(torch, a.base_dtype))
     mask_id = default_mask_token_id(a.model, cfg)
     train_file = Path(a.data) / "train.jsonl"
     while not (train_file.exists() and train_file.stat().st_size > 0):  # data builder still running
@@ -101,8 +106,15 @@ def main(argv=None) -> None:
         from training import idlm_objective as obj
 
         params = obj.prepare_model(model)
+    for p in params:  # master LoRA weights in fp32 whatever the base dtype
+        p.data = p.data.float()
+    for m in model.modules():
+        if hasattr(m, "lora_dropout"):
+            m.lora_dropout = a.lora_dropout
     model.train()
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=a.weight_decay)
+    autocast = torch.autocast(device_type=torch.device(a.device).type, dtype=torch.bfloat16,
+                              enabled=a.base_dtype == "bfloat16")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * max(0.1, 1 - s / max(a.steps, 1))
     )
@@ -165,8 +177,9 @@ def main(argv=None) -> None:
                     cut_lists.append(cuts)
             if not kvs:
                 continue
-            loss, stats = prefix_cached.mask_rows_loss_batch(
-                model, kvs, cut_lists, a.group, mask_id, a.decay, a.distill)
+            with autocast:
+                loss, stats = prefix_cached.mask_rows_loss_batch(
+                    model, kvs, cut_lists, a.group, mask_id, a.decay, a.distill)
             loss.backward()
         else:
             ex = [rows[i] for i in picks]

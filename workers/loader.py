@@ -117,7 +117,21 @@ def _is_converted(out: Path, gguf: Path) -> bool:
     if not rec:  # converted before provenance records existed: trust it
         return True
     st = gguf.stat()
-    return rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+    if rec.get("size") != st.st_size:
+        return False
+    if rec.get("mtime_ns") == st.st_mtime_ns:
+        return True
+    # Same size, other mtime: the same wheel installed into another venv has its own file times,
+    # so the content decides (else two venvs on one machine would reconvert each other's cache).
+    return rec.get("sha256") is not None and rec["sha256"] == _file_sha256(gguf)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> Path:
@@ -181,7 +195,8 @@ def _gguf_to_hf_dir(gguf: Path, dest: Path) -> None:
         st = gguf.stat()
         (dest / "idlm_conversion.json").write_text(
             json.dumps(
-                {"source": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, indent=2
+                {"source": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                 "sha256": _file_sha256(gguf)}, indent=2
             )
         )
         bar.update()

@@ -261,6 +261,16 @@ def test_gguf_cache_keying_and_atomicity(tmp_path, monkeypatch):
     g.write_bytes(b"new weights")
     loader._convert_gguf(g, fixed)
     assert len(calls) == 5 and json.loads((fixed / "idlm_conversion.json").read_text())["size"] == 11
+    # the same wheel in another venv: same bytes, other mtime -> the content hash keeps the cache;
+    # other bytes of the same size -> reconverted
+    rec = json.loads((fixed / "idlm_conversion.json").read_text())
+    (fixed / "idlm_conversion.json").write_text(json.dumps({**rec, "sha256": loader._file_sha256(g)}))
+    os.utime(g, ns=(g.stat().st_atime_ns, g.stat().st_mtime_ns + 10**9))
+    loader._convert_gguf(g, fixed)
+    assert len(calls) == 5
+    g.write_bytes(b"NEW weights")
+    loader._convert_gguf(g, fixed)
+    assert len(calls) == 6
     b = tmp_path / "b.gguf"
     b.write_bytes(b"bad")
     with pytest.raises(RuntimeError, match="conversion failed"):

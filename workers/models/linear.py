@@ -56,6 +56,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.ParameterDict()  # slice name -> [r, in]
         self.lora_B = nn.ParameterDict()  # slice name -> [out_s, r]
         self.lora_scaling = 0.0
+        self.lora_dropout = 0.0  # on the LoRA path's input, training (grad) path only
         self._packed: tuple | None = None  # (weight, its version, -, oneDNN weight or None if unsupported)
         self._packed_lora: tuple | None = None  # (weight, its version, LoRA versions, oneDNN [W; A])
         self._fused: tuple | None = None  # (versions of the LoRA params, A [S*r, in], B [out, S*r] * scaling)
@@ -128,7 +129,10 @@ class LoRALinear(nn.Linear):
         if lora_rows.numel() == 0:
             return y
         a, b = self._fused_lora()
-        delta = F.linear(F.linear(x.index_select(0, lora_rows), a), b)
+        xs = x.index_select(0, lora_rows)
+        if self.lora_dropout and torch.is_grad_enabled():
+            xs = F.dropout(xs, self.lora_dropout, training=True)
+        delta = F.linear(F.linear(xs, a), b)
         return y.index_add(0, lora_rows, delta.to(y.dtype))
 
     def _forward_tail_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -203,7 +207,7 @@ class LoRALinear(nn.Linear):
                     i = names.index(n)
                     blocks.append(F.pad(self.lora_B[n], (i * r, (S - i - 1) * r)))
                 else:
-                    blocks.append(self.weight.new_zeros(size, S * r))
+                    blocks.append(self.lora_B[names[0]].new_zeros(size, S * r))
             b = torch.cat(blocks) * self.lora_scaling  # [out, S*r]
         if not training:
             self._fused = (key, a, b)
