@@ -185,9 +185,9 @@ class LLMEngine:
             st.steps += 1
             st.preemptions += len(sched.preempted)
             if decode_like:
-                first = st.step_time_measured == 0.0
-                st.step_time_predicted += predicted - st.step_time_predicted if first else 0.1 * (predicted - st.step_time_predicted)
-                st.step_time_measured += elapsed - st.step_time_measured if first else 0.1 * (elapsed - st.step_time_measured)
+                w = 1.0 if st.step_time_measured == 0.0 else 0.1  # moving averages, seeded by the first step
+                st.step_time_predicted += w * (predicted - st.step_time_predicted)
+                st.step_time_measured += w * (elapsed - st.step_time_measured)
             obs.step_duration.append(elapsed)
         self._update_gauges()
         return outputs

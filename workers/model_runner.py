@@ -88,7 +88,9 @@ class ModelRunner:
         dev = self.device
         meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.block_size, dev, row_of=row_of)
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [T]
-        lora_from = n_clean if (self.use_lora_gate and n_mask) else None
+        # R-ISD: MASK rows are rows n_clean.. (possibly none this step; the LoRA layers then use the
+        # same packed weights as on MASK steps, so only one packed copy of each weight exists)
+        lora_from = n_clean if self.use_lora_gate else None
         hidden = self.model(input_ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)  # [T, H]
         if logit_ro:
             rows = torch.tensor(logit_ro, dtype=torch.long)
