@@ -106,15 +106,21 @@ class ISDDecoder:
             target_idx += range(off, off + it.num_drafts + 1)
         target = logits.index_select(0, torch.tensor(target_idx, dtype=torch.long, device=dev))  # [sum(k+1), V]
         want_lp = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
-        raw_copy, proc = None, None
+        proc = None
         if any_processors(reqs):
             # verify row j of a request sees its output + the drafts before row j
             proc = self.processors.prepare(
                 [(it.request, t_off[i] + j, it.request.drafts[:j]) for i, (it, _) in enumerate(finals)
                  for j in range(it.num_drafts + 1)], dev)
+        lp_src, lp_off = target, t_off
         if proc is not None:
             if want_lp and self.logprobs_mode == "raw_logprobs":
-                raw_copy = target.clone()
+                # raw logprobs: keep the unprocessed rows of the requests that asked for them
+                lp_off, keep = {}, []
+                for i in want_lp:
+                    lp_off[i] = len(keep)
+                    keep += range(t_off[i], t_off[i] + num_drafts[i] + 1)
+                lp_src = target.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
             apply(target, proc)
         draft_ids = torch.tensor([d for it, _ in finals for d in it.request.drafts[: it.num_drafts]], dtype=torch.long, device=dev)
         draft_logits = None
@@ -143,15 +149,16 @@ class ISDDecoder:
             else:
                 it.request.clear_drafts()
         if want_lp:
-            self._logprobs(want_lp, results, t_off, raw_copy if raw_copy is not None else target, meta)
+            self._logprobs(want_lp, results, lp_off, lp_src, meta)
         self._propose(propose, logits, meta, {id(r): i for i, r in enumerate(reqs)})
         for r in reqs:
             r.rng_step += 1
         return results
 
-    def _logprobs(self, want: list[int], results: list[RoundResult], t_off: list[int], src: torch.Tensor,
+    def _logprobs(self, want: list[int], results: list[RoundResult], t_off, src: torch.Tensor,
                   meta: SamplingMetadata) -> None:
-        """Entries of every emitted token from its own target row of `src` (raw or processed logits)."""
+        """Entries of every emitted token from its own target row of `src` (raw or processed logits;
+        request i's rows start at `t_off[i]`)."""
         rows, toks, ks, req_of_row = [], [], [], []
         for i in want:
             res = results[i]

@@ -1,8 +1,9 @@
 """Per-row logits processing of a step: `logit_bias`, the `min_tokens` ban, repetition / frequency /
 presence penalties and `min_p`, as batched tensor ops on the rows that need them (DESIGN §1).
 
-Owns: `LogitsProcessors` (the per-step batch builder) and `PenaltyState` (a request's output-token
-counts and prompt-token mask, kept on the device and brought up to date incrementally).
+Owns: `LogitsProcessors` (the per-step batch builder) and `PenaltyState` (the tokens a request has
+seen with their output counts, brought up to date incrementally). Penalties are sparse: they touch
+only the (row, seen token) pairs, so their cost grows with the history, not with the vocabulary.
 
 Why it is exact under ISD. Every processed row is described by its request and the tokens that
 precede it beyond the committed output (`extra`): a verify row j sees `output + d_<j`, a MASK row i
@@ -32,21 +33,35 @@ from workers.request import Request
 
 
 class PenaltyState:
-    """Counts of a request's output tokens ([V] int32) and the set of its prompt tokens ([V] bool)."""
+    """The tokens a request has seen (its prompt and output, each once) with their output counts.
+    Penalties touch only these, so they cost O(seen tokens) per row, not O(V)."""
 
-    def __init__(self, req: Request, vocab_size: int, device: torch.device) -> None:
-        self.counts = torch.zeros(vocab_size, dtype=torch.int32, device=device)
-        self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        self.prompt_mask[torch.tensor(req.prompt_token_ids, dtype=torch.long, device=device)] = True
+    def __init__(self, req: Request) -> None:
+        self.ids = list(dict.fromkeys(req.prompt_token_ids))
+        self.pos = {t: i for i, t in enumerate(self.ids)}
+        self.counts = [0] * len(self.ids)
         self.num_counted = 0
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def sync(self, output_ids: list[int]) -> None:
         """Adds the output tokens committed since the last call (a few per step)."""
-        new = output_ids[self.num_counted:]
-        if new:
-            idx = torch.tensor(new, dtype=torch.long, device=self.counts.device)
-            self.counts.index_add_(0, idx, torch.ones(len(new), dtype=torch.int32, device=idx.device))
-            self.num_counted = len(output_ids)
+        for t in output_ids[self.num_counted:]:
+            i = self.pos.get(t)
+            if i is None:
+                self.pos[t] = len(self.ids)
+                self.ids.append(t)
+                self.counts.append(1)
+            else:
+                self.counts[i] += 1
+            self._tensors = None
+        self.num_counted = len(output_ids)
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [T] int64, output counts [T] float32), rebuilt only after new tokens."""
+        if self._tensors is None:
+            self._tensors = (torch.tensor(self.ids, dtype=torch.long, device=device),
+                             torch.tensor(self.counts, dtype=torch.float32, device=device))
+        return self._tensors
 
 
 @dataclass
@@ -56,12 +71,14 @@ class ProcessorBatch:
     bias_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tokens) [L]
     bias_val: torch.Tensor | None = None  # [L] float32
     ban_idx: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows, tokens) [S]
-    pen_rows: torch.Tensor | None = None  # [Rp]
-    counts: torch.Tensor | None = None  # [Rp, V] float32: occurrences in output + extra
-    prompt_mask: torch.Tensor | None = None  # [Rp, V] bool
-    presence: torch.Tensor | None = None  # [Rp, 1]
-    frequency: torch.Tensor | None = None  # [Rp, 1]
-    repetition: torch.Tensor | None = None  # [Rp, 1]
+    # penalties, one entry per (row, seen token) pair: a row's seen tokens are its request's prompt
+    # and output tokens plus the tokens before the row (`extra`)
+    pen_rows: torch.Tensor | None = None  # [P]
+    pen_tokens: torch.Tensor | None = None  # [P]
+    pen_counts: torch.Tensor | None = None  # [P] float32: occurrences in output + extra
+    presence: torch.Tensor | None = None  # [P]
+    frequency: torch.Tensor | None = None  # [P]
+    repetition: torch.Tensor | None = None  # [P]
     minp_rows: torch.Tensor | None = None  # [Rm]
     log_min_p: torch.Tensor | None = None  # [Rm, 1]
     temperature: torch.Tensor | None = None  # [Rm, 1]
@@ -84,10 +101,11 @@ class LogitsProcessors:
             ids.update(self.eos_token_ids)
         return sorted(ids)
 
-    def _state(self, req: Request, device) -> PenaltyState:
+    @staticmethod
+    def _state(req: Request) -> PenaltyState:
         st = req.penalty_state
         if st is None:
-            st = req.penalty_state = PenaltyState(req, self.vocab_size, device)
+            st = req.penalty_state = PenaltyState(req)
         st.sync(req.output_token_ids)
         return st
 
@@ -131,18 +149,37 @@ class LogitsProcessors:
         return b
 
     def _penalties(self, b: ProcessorBatch, pen, device, lt) -> None:
-        states = [self._state(req, device) for req, _, _ in pen]
-        counts = torch.stack([s.counts for s in states])  # [Rp, V] int32, committed output
-        er = [i for i, (_, _, extra) in enumerate(pen) for _ in extra]
-        if er:  # + the tokens between the committed output and the row (drafts, this round's tokens)
-            et = [t for _, _, extra in pen for t in extra]
-            counts.index_put_((lt(er), lt(et)), torch.ones(len(er), dtype=torch.int32, device=device), accumulate=True)
-        b.pen_rows = lt([row for _, row, _ in pen])
-        b.counts = counts.float()
-        b.prompt_mask = torch.stack([s.prompt_mask for s in states])
-        b.presence = lt([req.params.presence_penalty for req, _, _ in pen], torch.float32)[:, None]
-        b.frequency = lt([req.params.frequency_penalty for req, _, _ in pen], torch.float32)[:, None]
-        b.repetition = lt([req.params.repetition_penalty for req, _, _ in pen], torch.float32)[:, None]
+        tok_parts, cnt_parts, lens, params = [], [], [], []
+        offset = 0  # of the current row's first pair
+        known: list[int] = []  # flat pairs whose count an extra token raises
+        new: dict[tuple[int, int], int] = {}  # (row, token) of extra tokens the request had not seen
+        for req, row, extra in pen:
+            st = self._state(req)
+            ids, counts = st.tensors(device)
+            for t in extra:
+                i = st.pos.get(t)
+                if i is not None:
+                    known.append(offset + i)
+                else:
+                    new[(row, t)] = new.get((row, t), 0) + 1
+            tok_parts.append(ids)
+            cnt_parts.append(counts)
+            lens.append(len(st.ids))
+            offset += len(st.ids)
+            p = req.params
+            params.append((row, p.presence_penalty, p.frequency_penalty, p.repetition_penalty))
+        # one op for every pair's row and parameters (row ids are exact in float32)
+        pair = torch.repeat_interleave(lt(params, torch.float32), lt(lens), dim=0)  # [P, 4]
+        tokens, counts = torch.cat(tok_parts), torch.cat(cnt_parts)  # new tensors: safe to modify
+        if known:
+            counts.index_add_(0, lt(known), torch.ones(len(known), device=device))
+        if new:
+            of_row = {r[0]: r for r in params}
+            pair = torch.cat([pair, lt([of_row[r] for r, _ in new], torch.float32)])
+            tokens = torch.cat([tokens, lt([t for _, t in new])])
+            counts = torch.cat([counts, lt(list(new.values()), torch.float32)])
+        b.pen_rows, b.pen_tokens, b.pen_counts = pair[:, 0].long(), tokens, counts
+        b.presence, b.frequency, b.repetition = pair[:, 1], pair[:, 2], pair[:, 3]
 
 
 def apply(logits: torch.Tensor, b: ProcessorBatch) -> torch.Tensor:
@@ -152,12 +189,10 @@ def apply(logits: torch.Tensor, b: ProcessorBatch) -> torch.Tensor:
     if b.ban_idx is not None:
         logits.index_put_(b.ban_idx, torch.tensor(float("-inf"), device=logits.device))
     if b.pen_rows is not None:
-        x = logits[b.pen_rows]  # [Rp, V]
-        seen = b.counts > 0
-        rep = seen | b.prompt_mask
-        x = torch.where(rep, torch.where(x > 0, x / b.repetition, x * b.repetition), x)
-        x = x - b.frequency * b.counts - b.presence * seen.float()
-        logits[b.pen_rows] = x
+        idx = (b.pen_rows, b.pen_tokens)
+        x = logits[idx]  # [P]: every seen token of every penalised row (prompt or history)
+        x = torch.where(x > 0, x / b.repetition, x * b.repetition)
+        logits[idx] = x - b.frequency * b.pen_counts - b.presence * (b.pen_counts > 0).float()
     if b.minp_rows is not None:
         x = logits[b.minp_rows]  # [Rm, V]
         s = x / b.temperature
