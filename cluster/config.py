@@ -11,6 +11,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     stride: 4                 # the most tokens per forward
     adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
     max_num_seqs: 32          # engine limits (workers.EngineConfig)
+    logprobs_mode: raw_logprobs   # or processed_logprobs (after penalties, temperature, top-k/p)
     replica:
       num_replicas: 2         # or autoscaling_config: {min_replicas, max_replicas, target_ongoing_requests}
       max_ongoing_requests: 32
@@ -137,6 +138,9 @@ class AppConfig(_Strict):
     kv_cache_tokens: int = Field(65536, ge=1)
     kv_block_size: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=2)
+    # sampling API
+    max_logprobs: int = Field(20, ge=0)
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     # HTTP
     api_key: str | None = Field(None, min_length=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
@@ -176,4 +180,6 @@ class AppConfig(_Strict):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             seed=self.seed,
+            max_logprobs=self.max_logprobs,
+            logprobs_mode=self.logprobs_mode,
         )

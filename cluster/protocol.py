@@ -2,6 +2,8 @@
 nothing that needs the workers package to unpickle).
 
 Owns: `GenerateRequest` (tokenized prompt + sampling parameters) and `Delta` (one streamed chunk).
+A logprob entry is `[logprob, top_ids, top_logprobs]` (top ones most likely first); the prompt's
+list starts with None (its first token has no context).
 """
 
 from __future__ import annotations
@@ -26,3 +28,7 @@ class Delta(TypedDict, total=False):
     replica: str
     metrics: dict | None
     error: str | None
+    logprobs: list | None
+    """One entry per token of `token_ids` (requests with `logprobs`)."""
+    prompt_logprobs: list | None
+    """On the first delta of a request with `prompt_logprobs`: one entry per prompt token."""

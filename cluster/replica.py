@@ -61,6 +61,9 @@ class EngineReplica:
                 num_output_tokens=out.num_output_tokens,
                 replica=self.replica_id,
                 metrics=out.metrics.to_dict() if out.metrics else None,
+                logprobs=None if out.logprobs is None else [list(e) for e in out.logprobs],
+                prompt_logprobs=None if out.prompt_logprobs is None else
+                [None if e is None else list(e) for e in out.prompt_logprobs],
             )
 
     async def stats(self) -> dict:

@@ -55,6 +55,11 @@ class EngineConfig:
     """Context length limit; None: the model's own."""
     seed: int = 0
     """Seeds the per-request seeds of requests that give none."""
+    max_logprobs: int = 20
+    """Most top alternatives a request may ask for (`logprobs`, `prompt_logprobs`)."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """`raw_logprobs`: log_softmax of the model's logits (vLLM's default). `processed_logprobs`: of
+    the distribution sampled from (processors, temperature, top-k / top-p; greedy: processors)."""
     trust_cache: bool = True
     """Reuse converted model files in the cache directory."""
     extra: dict = field(default_factory=dict)
@@ -81,6 +86,9 @@ class EngineConfig:
             f"must be >= 2*stride ({2 * self.stride}) so one ISD block fits a step",
         )
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        _require(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0, "max_logprobs", "must be an integer >= 0")
+        _require(self.logprobs_mode in ("raw_logprobs", "processed_logprobs"), "logprobs_mode",
+                 f"must be 'raw_logprobs' or 'processed_logprobs', got {self.logprobs_mode!r}")
 
     @property
     def num_blocks(self) -> int:

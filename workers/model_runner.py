@@ -5,7 +5,9 @@ its rows `[real tokens..., drafts..., MASK x m]` at consecutive positions after 
 In the flat batch the clean rows (real tokens and drafts) of all requests come first and every MASK
 row after them, so the gated LoRA of R-ISD applies to one slice (`lora_from`) with no gathers; the
 attention metadata maps each request's rows back to causal order. Logits come back only at the rows
-that need them, per final item in the order `[pending, drafts..., MASK rows...]`.
+that need them, per final item in the order `[pending, drafts..., MASK rows...]`. Requests that
+asked for prompt logprobs also get the hidden states of their prompt rows (`prompt_hidden`; the
+lm_head product over them is left to `workers.logprobs`, in bounded chunks); nothing else pays.
 
 Style rule (as vLLM's V2 runner): this file holds the common path only; feature code lives in the
 decoder or the model.
@@ -29,6 +31,8 @@ from workers.scheduler import SchedulerOutput
 class RunnerOutput:
     logits: torch.Tensor  # [R, V] float32, rows of final items in item order
     row_offsets: list[int]  # per item: first row in `logits` (-1 when the item is not final)
+    prompt_hidden: torch.Tensor | None = None  # [P, H] prompt rows of requests with prompt logprobs
+    prompt_spans: list[tuple[int, int, int]] | None = None  # (item index, first position, rows) per span
 
 
 class ModelRunner:
@@ -58,9 +62,18 @@ class ModelRunner:
         q_lens, clean_lens, mask_lens, ctx_lens, tables = [], [], [], [], []
         row_offsets: list[int] = []
         logit_ro: list[int] = []  # request-order rows that need logits
+        prompt_ro: list[int] = []  # request-order prompt rows whose hidden states go back
+        spans: list[tuple[int, int, int]] = []
         n_logits = ro = 0
-        for it in sched.items:
+        for i, it in enumerate(sched.items):
             req = it.request
+            if req.params.prompt_logprobs is not None and req.needs_prompt_logits:
+                # rows at positions p < prompt_len - 1 predict prompt token p + 1
+                start = max(req.num_computed, len(req.prompt_logprobs or ()))
+                end = min(req.num_computed + it.num_real, req.num_prompt_tokens - 1)
+                if end > start:
+                    spans.append((i, start, end - start))
+                    prompt_ro += range(ro + start - req.num_computed, ro + end - req.num_computed)
             clean = req.token_slice(req.num_computed, req.num_computed + it.num_real)
             m = 0
             if it.final:
@@ -99,7 +112,13 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
-        return RunnerOutput(logits=logits, row_offsets=row_offsets)
+        out = RunnerOutput(logits=logits, row_offsets=row_offsets)
+        if prompt_ro:
+            rows = torch.tensor(prompt_ro, dtype=torch.long)
+            if row_of is not None:
+                rows = row_of[rows]
+            out.prompt_hidden, out.prompt_spans = hidden.index_select(0, rows.to(dev)), spans
+        return out
 
 
     @torch.inference_mode()

@@ -43,6 +43,11 @@ class Request:
     """Stride chosen for the request's next decode round (0: not chosen yet; see workers.stride)."""
     accept_state: list | None = None
     """Running acceptance counts per draft position (`AcceptanceEstimator.new_state()`)."""
+    penalty_state: object | None = None
+    """Output-token counts of a request with penalties (`workers.logits_processors.PenaltyState`)."""
+    prompt_logprobs: list | None = None
+    """Prompt logprobs gathered so far when requested: entry p is that of prompt token p + 1."""
+    prompt_logprobs_sent: bool = False
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -77,6 +82,13 @@ class Request:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt rows still need logits (prompt logprobs requested and not all gathered): such a
+        request must compute its whole prompt (no prefix-cache hit may skip rows)."""
+        n = self.params.prompt_logprobs
+        return n is not None and len(self.prompt_logprobs or ()) < self.num_prompt_tokens - 1
 
     @property
     def num_output_tokens(self) -> int:

@@ -8,6 +8,9 @@ metrics endpoint, and a real Prometheus server scraping it (`PrometheusServer`, 
     prom = PrometheusServer([rs.metrics_target]).start()
     prom.query('sum(rate(ray_idlm_generation_tokens_total[1m]))')
     prom.stop(); rs.stop()
+
+`MODEL` / `SHARED_ARGS` are the app that tests/cluster/conftest.py serves to every e2e test of this
+package (one Ray cluster for all of them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ import time
 from collections import defaultdict
 
 import requests
+
+MODEL = "smollm2"
+SHARED_ARGS = {
+    "model": MODEL,
+    "mode": "risd",  # base SmolLM2 + the demo gated-LoRA adapter (workers/adapters/smollm2-risd)
+    "stride": 4,
+    "max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 8192, "max_model_len": 2048,
+    "replica": {"num_replicas": 2, "max_ongoing_requests": 64, "max_queued_requests": 128,
+                "ray_actor_options": {"num_cpus": 1}},
+}
 
 
 def free_port() -> int:
