@@ -65,6 +65,7 @@ class LLM:
                         text="".join(texts[out.request_id]),
                         finish_reason=out.finish_reason,
                         metrics=out.metrics,
+                        num_cached_tokens=out.num_cached_tokens,
                     )
         return [done[rid] for rid in order]
 
@@ -78,3 +79,6 @@ class LLM:
 
     def stats(self):
         return self.engine.stats.snapshot()
+
+    def reset_prefix_cache(self) -> int:
+        return self.engine.reset_prefix_cache()

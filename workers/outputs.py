@@ -54,6 +54,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative count of output tokens so far."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details.cached_tokens)."""
     metrics: RequestMetrics | None = None
     """Set on the final delta."""
 
@@ -68,3 +70,5 @@ class CompletionResult:
     text: str
     finish_reason: FinishReason | None
     metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""
