@@ -16,7 +16,7 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from openai.types import Completion, CompletionChoice, CompletionUsage, Model
+from openai.types import Completion, CompletionChoice, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage
 from openai.types.chat.chat_completion import Choice
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
@@ -27,6 +27,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.config import AppConfig
+from cluster.prefix_routing import PromptHasher, generate_request, make_usage
 from cluster.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 
@@ -122,6 +123,7 @@ class _Common(_Strict):
     frequency_penalty: float = 0.0
     user: str | None = None
     ignore_eos: bool = False
+    cache_salt: str | None = Field(None, min_length=1)
 
 
 class ChatRequest(_Common):
@@ -146,6 +148,7 @@ class OpenAIIngress:
         self.cfg = AppConfig.model_validate(config)
         self.api_key = self.cfg.resolved_api_key()
         self.replica = replica
+        self.hasher = PromptHasher(self.cfg)
         model_dir = resolve_model(self.cfg.model)
         self.tokenizer = load_tokenizer(model_dir)
         mcfg = ModelConfig.from_hf(json.loads(open(f"{model_dir}/config.json").read()))
@@ -274,7 +277,7 @@ class OpenAIIngress:
 
     async def _run(self, body: _Common, ids: list[int], params: SamplingParams, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        req = GenerateRequest(request_id=rid, prompt_token_ids=ids, params=params.__dict__)
+        req = generate_request(rid, ids, params, self.hasher, body.cache_salt)
         first, gen = await self._stream(req)
         headers = {"x-idlm-replica": first.get("replica", "")}
         if body.stream:
@@ -293,7 +296,7 @@ class OpenAIIngress:
                 d = await gen.__anext__()
         except Exception as e:
             raise _replica_error(e) from None
-        usage = CompletionUsage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+        usage = make_usage(n_prompt, n_out, d.get("num_cached_tokens", 0))
         finish = "length" if reason == "length" else "stop"
         if chat:
             resp = ChatCompletion(
@@ -343,7 +346,7 @@ class OpenAIIngress:
                     break
                 d = await gen.__anext__()
             if include_usage:
-                usage = CompletionUsage(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+                usage = make_usage(n_prompt, n_out, d.get("num_cached_tokens", 0))
                 cls = ChatCompletionChunk if chat else Completion
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield f"data: {cls(id=rid, created=created, model=model, object=obj, choices=[], usage=usage).model_dump_json(exclude_none=True)}\n\n"
