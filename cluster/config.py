@@ -140,6 +140,8 @@ class RouterOptions(_Strict):
     cold_balance: float = Field(0.1, ge=0)
     """Rendezvous placement skips replicas holding more than (1 + cold_balance) x their share."""
     cold_key_blocks: int = Field(4, ge=1)
+    """Cold placement keys on the digest of block min(n, cold_key_blocks) - 1: a long shared system
+    prompt keys its group, not the first block that every chat-templated prompt shares."""
     index_capacity_blocks: int | None = Field(None, ge=1)
     """Router's per-replica prefix index size; None: the replica's KV size in blocks."""
     max_prefix_blocks: int = Field(512, ge=1)
@@ -147,6 +149,11 @@ class RouterOptions(_Strict):
     stats_period_s: float = Field(1.0, gt=0)
     """How often Serve pulls each replica's routing stats (KV usage, queue, prefill backlog)."""
     stats_timeout_s: float = Field(5.0, gt=0)
+
+    @classmethod
+    def from_router_kwargs(cls, kwargs: dict) -> RouterOptions:
+        """What `cluster.router` gets back from `request_router_kwargs` (the labels dropped)."""
+        return cls.model_validate({k: v for k, v in kwargs.items() if k in cls.model_fields})
 
     def request_router_config(self, labels: dict) -> dict | None:
         """`RequestRouterConfig` fields of the engine deployment; None keeps Serve's default router."""

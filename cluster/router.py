@@ -29,7 +29,8 @@ from collections import OrderedDict
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from cluster.router_policy import Decision, PrefixPolicy, ReplicaLoad, RouterSettings
+from cluster.config import RouterOptions
+from cluster.router_policy import Decision, PrefixPolicy, ReplicaLoad
 
 log = logging.getLogger("ray.serve")
 _MAX_TRACKED = 10_000  # decisions awaiting on_request_routed (a cancelled request never gets one)
@@ -48,8 +49,7 @@ class IdlmPrefixRouter(RequestRouter):
 
         from cluster.metric_names import COUNTERS, LABELS
 
-        self.settings = RouterSettings.from_kwargs(kwargs)
-        self.policy = PrefixPolicy(self.settings)
+        self.policy = PrefixPolicy(RouterOptions.from_router_kwargs(kwargs))
         self.tags = {"model": str(kwargs.get("model", "")), "mode": str(kwargs.get("mode", "")),
                      "stride": str(kwargs.get("stride", ""))}
         self.decisions = metrics.Counter("idlm_router_decisions", COUNTERS["idlm_router_decisions"],

@@ -1,12 +1,13 @@
 """Cache- and load-aware choice of an engine replica, in pure Python (no Ray): the policy that
 `cluster.router` plugs into Ray Serve, unit-tested on its own.
 
-Owns: `RouterSettings`, `ReplicaLoad`, `PrefixIndex` (a bounded LRU of the block digests recently
+Owns: `ReplicaLoad`, `PrefixIndex` (a bounded LRU of the block digests recently
 routed to one replica: an approximate, local picture of that replica's prefix cache, as llm-d's
 approximate prefix scorer and SGLang's router tree keep), `PrefixPolicy.choose` (a ranking of
 replicas and the outcome that explains it) and `PrefixPolicy.record` (what was routed where).
 
-Per request, with the prompt's block digests (workers.block_hash, sent by the ingress):
+Settings are `cluster.config.RouterOptions` (the `router` block of the app config). Per request,
+with the prompt's block digests (workers.block_hash, sent by the ingress):
 - Candidates are the replicas with KV usage under `kv_usage_limit` (all of them if none is).
 - score = prefix_weight * matched/total blocks + queue_weight * (1 - normalised queue)
   + kv_weight * (1 - KV usage) (llm-d's default scorers and weights, max wins).
@@ -30,34 +31,13 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+
+from cluster.config import RouterOptions
 
 OUTCOMES = ("affinity", "cold", "imbalance", "fallback", "spill")
 """`idlm_router_decisions_total{outcome}`; `spill`: Serve sent the request past our first choice
 (that replica was at max_ongoing_requests)."""
-
-
-@dataclass
-class RouterSettings:
-    prefix_weight: float = 3.0
-    queue_weight: float = 2.0
-    kv_weight: float = 2.0
-    match_threshold: float = 0.1
-    imbalance_abs: int = 8
-    imbalance_rel: float = 1.5
-    kv_usage_limit: float = 0.95
-    cold_policy: str = "rendezvous"
-    cold_balance: float = 0.1
-    cold_key_blocks: int = 4
-    """Cold placement keys on the digest of block min(n, cold_key_blocks) - 1: a long shared system
-    prompt keys its group, not the first block that every chat-templated prompt shares."""
-    index_capacity_blocks: int | None = None
-    """Per-replica index size; None: the replica's own KV size (`num_blocks` in its routing stats)."""
-
-    @classmethod
-    def from_kwargs(cls, kwargs: dict) -> RouterSettings:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in kwargs.items() if k in names})
 
 
 @dataclass
@@ -112,8 +92,8 @@ def _rendezvous(key: bytes, replica_id: str) -> bytes:
 
 
 class PrefixPolicy:
-    def __init__(self, settings: RouterSettings | None = None, rng: random.Random | None = None) -> None:
-        self.s = settings or RouterSettings()
+    def __init__(self, options: RouterOptions | None = None, rng: random.Random | None = None) -> None:
+        self.s = options or RouterOptions()
         self.rng = rng or random.Random()
         self.index: dict[str, PrefixIndex] = {}
 

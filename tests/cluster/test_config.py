@@ -102,7 +102,7 @@ def test_router_and_prefix_cache_options():
     policy's settings and the metric labels); `pow2` leaves Serve's default; the prefix cache
     switch reaches the engine."""
     from cluster.app import build_app
-    from cluster.router_policy import RouterSettings
+    from cluster.config import RouterOptions
 
     def replica_of(args):
         return build_app(args)._bound_deployment.init_args[1]._bound_deployment
@@ -112,7 +112,7 @@ def test_router_and_prefix_cache_options():
     assert rrc.request_routing_stats_period_s == 2
     kw = rrc.request_router_kwargs
     assert kw["imbalance_abs"] == 3 and (kw["model"], kw["mode"], kw["stride"]) == ("smollm2", "ar", 1)
-    assert RouterSettings.from_kwargs(kw).imbalance_abs == 3  # what initialize_state receives
+    assert RouterOptions.from_router_kwargs(kw).imbalance_abs == 3  # what initialize_state receives
     rrc = replica_of({"router": {"policy": "pow2"}})._deployment_config.request_router_config
     assert rrc.is_default_request_router()
     assert AppConfig().to_engine_config().enable_prefix_caching is True

@@ -14,7 +14,7 @@ import requests
 from openai import OpenAI
 
 from cluster.metric_names import exported_names
-from tests.cluster.support import RayServe, metric_sum, parse_metrics, wait_for
+from tests.cluster.support import RayServe, metric_sum, parse_metrics, replica_stats, wait_for
 from workers import LLM, SamplingParams
 
 MODEL = "smollm2"
@@ -315,15 +315,7 @@ def test_metrics_names_and_tpf(cluster, client):
 
     # Per replica, the exported counters equal the engine's own cumulative stats, so TPF and
     # acceptance computed from the counters are the engine's.
-    from ray import serve
-
-    handle = serve.get_deployment_handle("EngineReplica", app_name="idlm")
-    engine_stats: dict[str, dict] = {}
-    for _ in range(40):
-        st = handle.stats.remote().result()
-        engine_stats[st["replica"]] = st
-        if len(engine_stats) == 2:
-            break
+    engine_stats = replica_stats("idlm")
     assert len(engine_stats) == 2
 
     def per_replica_equal():

@@ -10,7 +10,8 @@ from collections import OrderedDict
 
 import pytest
 
-from cluster.router_policy import PrefixIndex, PrefixPolicy, ReplicaLoad, RouterSettings
+from cluster.config import RouterOptions
+from cluster.router_policy import PrefixIndex, PrefixPolicy, ReplicaLoad
 from workers.block_hash import namespace_root, prefix_hashes
 
 ROOT = namespace_root("m", None, 16)
@@ -41,7 +42,7 @@ def test_index_lru_keeps_chain_heads():
 
 
 def test_affinity_score_table():
-    p = PrefixPolicy(RouterSettings())
+    p = PrefixPolicy(RouterOptions())
     h = _h(_prompt(1, 0))  # 10 blocks
     p.record("r1", h[:5])  # r1 holds half the prompt
     d = p.choose(h, _loads(0, 0, 0))
@@ -58,7 +59,7 @@ def test_affinity_score_table():
 
 
 def test_load_gate_is_per_request():
-    p = PrefixPolicy(RouterSettings(imbalance_abs=8, imbalance_rel=1.5))
+    p = PrefixPolicy(RouterOptions(imbalance_abs=8, imbalance_rel=1.5))
     hot, other = _h(_prompt(1, 0)), _h(_prompt(2, 0))
     p.record("r0", hot)
     p.record("r1", other)
@@ -95,11 +96,11 @@ def test_cold_rendezvous_agrees_across_routers_and_spreads():
 def test_cold_key_is_the_system_prompt_not_the_template_head():
     """Prompts that share only their first block (a chat template) are different groups; prompts
     that share the key block are one group and land together."""
-    p = PrefixPolicy(RouterSettings(cold_balance=10.0))
+    p = PrefixPolicy(RouterOptions(cold_balance=10.0))
     loads = _loads(0, 0, 0, 0, 0, 0, 0, 0)
     heads = {p.choose(_h(_prompt(s, 0)), loads).ranked[0] for s in range(12)}
     assert len(heads) > 1
-    same = {PrefixPolicy(RouterSettings(cold_balance=10.0)).choose(_h(_prompt(3, q)), loads).ranked[0] for q in range(6)}
+    same = {PrefixPolicy(RouterOptions(cold_balance=10.0)).choose(_h(_prompt(3, q)), loads).ranked[0] for q in range(6)}
     assert len(same) == 1
 
 
@@ -122,7 +123,7 @@ def test_fallbacks_and_membership():
     assert set(p.index) == {"r1"}
     p.drop("r1")
     assert p.index == {}
-    cold = PrefixPolicy(RouterSettings(cold_policy="pow2"))
+    cold = PrefixPolicy(RouterOptions(cold_policy="pow2"))
     assert cold.choose(h, _loads(0, 0, 0)).outcome == "cold"
 
 

@@ -18,7 +18,7 @@ import json
 import pytest
 import requests
 
-from tests.cluster.support import RayServe, metric_sum, parse_metrics, wait_for
+from tests.cluster.support import RayServe, metric_sum, parse_metrics, replica_stats, wait_for
 
 TOPICS = ["astronomy", "geology", "cooking", "gardening", "music", "history", "chemistry", "sailing"]
 QUESTIONS = ["What is it?", "Tell me more.", "Why?", "Give an example.", "Who cares?", "Summarise."]
@@ -52,19 +52,6 @@ def _chat(base: str, policy: str, system: str, question: str, max_tokens: int = 
     return requests.post(f"{base}/v1/chat/completions", json={
         "model": f"tiny-{policy}", "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
         "max_tokens": max_tokens, "temperature": 0, **kw}, timeout=120)
-
-
-def _replica_stats(app: str) -> dict[str, dict]:
-    from ray import serve
-
-    handle = serve.get_deployment_handle("EngineReplica", app_name=app)
-    seen: dict[str, dict] = {}
-    for _ in range(60):
-        st = handle.stats.remote().result()
-        seen[st["replica"]] = st
-        if len(seen) == 2:
-            break
-    return seen
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +92,9 @@ def test_prefix_routing_hits_far_more_than_pow2(apps, system_blocks):
     rs, urls = apps
     results = {}
     for policy in ("prefix", "pow2"):
-        before = _replica_stats(policy)
+        before = replica_stats(policy)
         rate, cached, _ = _workload(urls[policy], policy, system_blocks)
-        after = _replica_stats(policy)
+        after = replica_stats(policy)
         # the replicas' own counters account for exactly what the responses reported
         assert sum(after[r]["prefix_cache_hits"] - before[r]["prefix_cache_hits"] for r in after) == cached
         assert all(after[r]["requests"]["length"] + after[r]["requests"]["stop"] > 0 for r in after), after

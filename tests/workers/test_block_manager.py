@@ -39,12 +39,18 @@ def test_hash_chain_is_stable_namespaced_and_prefix_closed():
         extend_hashes([], list(range(5)), 4, ROOT, 2)
 
 
+def _cached(num_blocks: int, num_tokens: int) -> tuple[BlockManager, list[int], list[bytes]]:
+    """A manager with one table of `num_tokens` tokens, all its blocks registered."""
+    bm = BlockManager(num_blocks=num_blocks, block_size=4)
+    t: list[int] = []
+    bm.grow(t, num_tokens)
+    h = _hashes(list(range(num_tokens)))
+    bm.register(t, h, 0, len(h))
+    return bm, t, h
+
+
 def test_grow_trim_free_and_lru_eviction():
-    bm = BlockManager(num_blocks=6, block_size=4)
-    t = []
-    bm.grow(t, 12)
-    h = _hashes(list(range(12)))
-    bm.register(t, h, 0, 3)
+    bm, t, h = _cached(6, 12)
     assert bm.num_cached == 3 and bm.usage == 0.5
     bm.free(t)  # tail first: block of h[2] is evicted before h[1] before h[0]
     assert bm.num_free == 6 and bm.usage == 0.0 and bm.num_cached == 3
@@ -62,11 +68,7 @@ def test_grow_trim_free_and_lru_eviction():
 
 
 def test_hit_revives_free_block_and_counts_against_free():
-    bm = BlockManager(num_blocks=4, block_size=4)
-    t = []
-    bm.grow(t, 8)
-    h = _hashes(list(range(8)))
-    bm.register(t, h, 0, 2)
+    bm, t, h = _cached(4, 8)
     bm.free(t)
     hits = bm.lookup(h)
     assert hits == [0, 1]
