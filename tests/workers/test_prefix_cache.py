@@ -88,10 +88,20 @@ def test_identity_cache_on_off(loaded, mode, stride, sampled):
     assert on.engine.blocks.num_free == on.engine.blocks.num_blocks
 
 
+@pytest.fixture(scope="module")
+def loaded_llama():
+    lo = tiny_loaded("llama", seed=22, lora_rank=4, tie=True)
+    lo.model.has_lora = False
+    return lo
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
 @pytest.mark.parametrize("mode,stride", [("isd", 4), ("risd", 4)])
-def test_identity_chunked_prefill_and_adaptive_stride(loaded, mode, stride):
+def test_identity_chunked_prefill_and_adaptive_stride(loaded, loaded_llama, family, mode, stride):
     """A token budget smaller than the prompts (chunked prefill mixed with decode blocks and cache
-    hits) and the load-adaptive stride, which changes the schedule but never the tokens."""
+    hits) and the load-adaptive stride, which changes the schedule but never the tokens; both tiny
+    model families."""
+    loaded = loaded if family == "qwen3" else loaded_llama
     prompts = _prompts(seed=3)
     params = [_params(False, i) for i in range(len(prompts))]
     kw = dict(max_num_batched_tokens=16, adaptive_stride=True)
