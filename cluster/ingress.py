@@ -22,6 +22,7 @@ from cluster.openai.errors import APIError, install_handlers, replica_error, val
 from cluster.openai.generation import Job, Usage, collect, start
 from cluster.openai.logprobs import TokenStrings
 from cluster.openai.request_models import ChatRequest, CompletionRequest
+from cluster.prefix_routing import PromptHasher
 
 app = FastAPI(title="idlm-serve", docs_url=None, redoc_url=None)
 install_handlers(app)
@@ -51,6 +52,7 @@ class OpenAIIngress:
         self.cfg = AppConfig.model_validate(config)
         self.api_key = self.cfg.resolved_api_key()
         self.replica = replica
+        self.hasher = PromptHasher(self.cfg)
         model_dir = resolve_model(self.cfg.model)
         self.tokenizer = load_tokenizer(model_dir)
         self.strings = TokenStrings(self.tokenizer)
@@ -91,9 +93,9 @@ class OpenAIIngress:
         return body
 
     async def _run(self, rid: str, body, jobs: list[Job], formatter):
-        st = await start(self.replica, rid, jobs)
+        st = await start(self.replica, rid, jobs, self.hasher, body.cache_salt)
         headers = {"x-idlm-replica": st.firsts[0].get("replica", "")}
-        usage = Usage.of_jobs(jobs)
+        usage = st.usage
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(formatter, st, usage, include_usage), media_type="text/event-stream",

@@ -11,10 +11,17 @@ from __future__ import annotations
 from typing import TypedDict
 
 
-class GenerateRequest(TypedDict):
+class _GenerateRequired(TypedDict):
     request_id: str
     prompt_token_ids: list[int]
     params: dict  # workers.SamplingParams fields
+
+
+class GenerateRequest(_GenerateRequired, total=False):
+    prefix_hashes: list[bytes]
+    """The prompt's full-block digests (workers.block_hash.prefix_hashes) for the prefix router."""
+    cache_salt: str | None
+    """Requests share cached prefix blocks only within one salt (tenant isolation)."""
 
 
 class Delta(TypedDict, total=False):
@@ -25,6 +32,7 @@ class Delta(TypedDict, total=False):
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    num_cached_tokens: int
     replica: str
     metrics: dict | None
     error: str | None

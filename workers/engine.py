@@ -110,6 +110,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
+        self._hash_root = config.cache_namespace()
 
     # -- requests ----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -147,14 +148,21 @@ class LLMEngine:
             if k is not None and k > self.config.max_logprobs:
                 raise ValueError(f"{name}: at most {self.config.max_logprobs} (max_logprobs), got {k}")
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, cache_salt: str | None = None
+    ) -> str:
+        """`cache_salt`: requests share cached prefix blocks only with requests of the same salt
+        (tenant isolation, as vLLM's `cache_salt`)."""
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt: must be a string, got {type(cache_salt).__name__}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already running")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(rid, prompt_token_ids, params, rng_key=request_key(seed))
+        req.hash_root = self.config.cache_namespace(cache_salt) if cache_salt else self._hash_root
         req.accept_state = self.policy.acceptance.new_state()
         self.requests[rid] = req
         self.scheduler.add(req)
@@ -174,6 +182,13 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix block (e.g. after new weights); returns how many. Running
+        requests keep their KV. Safe at any step boundary."""
+        n = self.blocks.reset_prefix_cache()
+        self._update_gauges()
+        return n
 
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -203,6 +218,7 @@ class LLMEngine:
         with self.stats as (st, obs):
             st.steps += 1
             st.preemptions += len(sched.preempted)
+            st.add_prefix_cache(sched.cache)
             if decode_like:
                 w = 1.0 if st.step_time_measured == 0.0 else 0.1  # moving averages, seeded by the first step
                 st.step_time_predicted += w * (predicted - st.step_time_predicted)
@@ -268,6 +284,7 @@ class LLMEngine:
             num_output_tokens=req.num_output_tokens,
             logprobs=lps,
             prompt_logprobs=self._take_prompt_logprobs(req),
+            num_cached_tokens=req.num_cached_tokens,
         )
 
     @staticmethod
@@ -297,6 +314,7 @@ class LLMEngine:
             stop_reason=req.stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
             metrics=m,
             logprobs=lps,
             prompt_logprobs=self._take_prompt_logprobs(req),
@@ -307,3 +325,6 @@ class LLMEngine:
             st.num_running = len(self.scheduler.running)
             st.num_waiting = len(self.scheduler.waiting)
             st.kv_cache_usage = self.blocks.usage
+            st.kv_cache_cached_blocks = self.blocks.num_cached
+            st.prefix_cache_evictions = self.blocks.evictions
+            st.queued_prefill_tokens = self.scheduler.queued_prefill_tokens()

@@ -68,6 +68,7 @@ class LLM:
                     res.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     res.text, res.finish_reason, res.metrics = "".join(texts[out.request_id]), out.finish_reason, out.metrics
+                    res.num_cached_tokens = out.num_cached_tokens
                     done[out.request_id] = res
         return [done[rid] for rid in order]
 
@@ -81,3 +82,6 @@ class LLM:
 
     def stats(self):
         return self.engine.stats.snapshot()
+
+    def reset_prefix_cache(self) -> int:
+        return self.engine.reset_prefix_cache()

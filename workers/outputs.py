@@ -55,6 +55,8 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative count of output tokens so far."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details.cached_tokens)."""
     metrics: RequestMetrics | None = None
     """Set on the final delta."""
     logprobs: list | None = None
@@ -79,3 +81,5 @@ class CompletionResult:
     """One entry per prompt token, None first (requests with `prompt_logprobs`)."""
     index: int = 0
     """Which of the prompt's `n` samples this is."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.block_hash import chain_from
 from workers.outputs import FinishReason, RequestMetrics
 from workers.sampling_params import SamplingParams
 
@@ -57,6 +58,15 @@ class Request:
     detok_state: object | None = None
     metrics: RequestMetrics = None  # type: ignore[assignment]
     last_emit_time: float | None = None
+    # prefix cache (owned by workers.scheduler; see workers.block_manager)
+    hash_root: bytes = b""
+    """Digest the request's block-hash chain starts from (model, adapter, block size, cache_salt)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Digests of the first full blocks of `all_token_ids`, extended as needed (committed tokens only)."""
+    num_registered_blocks: int = 0
+    """Leading blocks of `block_table` named in the prefix cache (hits plus blocks registered after a step)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at first admission (usage `cached_tokens`)."""
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -101,6 +111,14 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def hashes_upto(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """`block_hashes` holding at least the first `num_blocks` full blocks' digests."""
+        have = len(self.block_hashes)
+        if have < num_blocks:
+            parent = self.block_hashes[-1] if have else self.hash_root
+            self.block_hashes += chain_from(parent, self.token_slice(have * block_size, num_blocks * block_size), block_size)
+        return self.block_hashes
 
     def clear_drafts(self) -> None:
         self.drafts = []

@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cluster.openai.errors import APIError, replica_error
-from cluster.protocol import Delta, GenerateRequest
+from cluster.prefix_routing import PromptHasher, generate_request
+from cluster.protocol import Delta
 from workers.sampling_params import SamplingParams
 
 
@@ -58,6 +59,9 @@ class Sample:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: dict[int, int] = field(default_factory=dict)
+    """Per prompt index: its tokens served from a replica's prefix cache (the first sample's count,
+    as the prompt is counted once)."""
 
     @classmethod
     def of_jobs(cls, jobs: list[Job]) -> Usage:
@@ -66,7 +70,8 @@ class Usage:
 
     def as_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())}}
 
 
 def fan_out(prompts: list[list[int]], params: list[SamplingParams]) -> list[Job]:
@@ -83,6 +88,7 @@ class Started:
     jobs: list[Job]
     firsts: list[Delta]
     gens: list
+    usage: Usage = field(default_factory=Usage)
 
     def cancel(self) -> None:
         _cancel(self.gens)
@@ -109,18 +115,19 @@ async def _first(gen) -> Delta:
         raise replica_error(e) from None
 
 
-async def start(replica, rid: str, jobs: list[Job]) -> Started:
+async def start(replica, rid: str, jobs: list[Job], hasher: PromptHasher, cache_salt: str | None = None) -> Started:
+    """`hasher` adds the prompt's block digests for the prefix router (cluster.prefix_routing)."""
     gens = []
     for j in jobs:
         sub = rid if len(jobs) == 1 else f"{rid}-{j.index}-{uuid.uuid4().hex[:6]}"
-        req = GenerateRequest(request_id=sub, prompt_token_ids=j.prompt_token_ids, params=j.params.to_dict())
+        req = generate_request(sub, j.prompt_token_ids, j.params, hasher, cache_salt)
         gens.append(replica.options(stream=True).generate.remote(req))
     firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
     bad = next((f for f in firsts if isinstance(f, BaseException)), None)
     if bad is not None:
         _cancel(gens)
         raise bad if isinstance(bad, APIError) else replica_error(bad)
-    return Started(jobs, list(firsts), gens)
+    return Started(jobs, list(firsts), gens, Usage.of_jobs(jobs))
 
 
 async def merge(st: Started) -> AsyncIterator[tuple[int, Delta]]:
@@ -145,6 +152,8 @@ async def merge(st: Started) -> AsyncIterator[tuple[int, Delta]]:
             index, d, err = await q.get()
             if err is not None:
                 raise err if isinstance(err, APIError) else replica_error(err)
+            if d.get("finished"):
+                st.usage.cached_tokens.setdefault(st.jobs[index].prompt_index, d.get("num_cached_tokens", 0))
             yield index, d
             left -= bool(d.get("finished"))
     finally:

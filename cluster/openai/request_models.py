@@ -67,6 +67,8 @@ class _Common(_Strict):
     return_tokens_as_token_ids: bool = False
     """vLLM's extra: logprobs name tokens `token_id:<id>`."""
     user: str | None = None
+    cache_salt: str | None = Field(None, min_length=1)
+    """Share cached prefix blocks only with requests of the same salt (vLLM's tenant isolation)."""
 
 
 class ChatRequest(_Common):

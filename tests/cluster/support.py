@@ -110,6 +110,20 @@ def metric_sum(metrics: dict, name: str, app_model: str | None = None, **match) 
     return total
 
 
+def replica_stats(app_name: str, replicas: int = 2, tries: int = 60) -> dict[str, dict]:
+    """`EngineReplica.stats()` of each replica of an app, by replica id (calls until all answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EngineReplica", app_name=app_name)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        st = handle.stats.remote().result()
+        seen[st["replica"]] = st
+        if len(seen) == replicas:
+            break
+    return seen
+
+
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     last = None
