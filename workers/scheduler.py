@@ -237,7 +237,7 @@ class Scheduler:
         return {h for r in self.running if r.num_tokens - r.num_computed > 1 for h in self._computing(r)}
 
     def _next_block_inflight(self, req: Request, num_hits: int, inflight: set[bytes]) -> bool:
-        if not inflight:
+        if not inflight or req.needs_prompt_logits:  # it takes no hits, so it has nothing to wait for
             return False
         n = (req.num_tokens - 1) // self.block_size
         return num_hits < n and req.block_hashes[num_hits] in inflight

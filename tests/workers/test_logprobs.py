@@ -101,6 +101,23 @@ def test_prompt_logprobs_across_prefill_chunks(loaded):
         assert all(e.top_ids == [] for e in o.logprobs)  # logprobs=0: the token's value only
 
 
+def test_prompt_logprobs_after_a_prefix_cache_hit(loaded):
+    """The prompt is cached by an earlier request; a request asking for prompt logprobs computes its
+    whole prompt anyway (no hit may skip the rows that give them) and gets the dense recompute's
+    entries, while a plain repeat of the prompt does hit the cache."""
+    p = random_prompts(1, loaded.config.vocab_size, lo=50, hi=51, seed=11)[0]
+    llm = LLM(loaded=loaded, mode="isd", stride=4, kv_cache_tokens=8192, enable_prefix_caching=True)
+    first = llm.generate([p], SamplingParams(temperature=0, max_tokens=4))[0]
+    again = llm.generate([p], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert again.num_cached_tokens >= 32 and again.token_ids == first.token_ids
+    o = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, prompt_logprobs=2))[0]
+    assert o.num_cached_tokens == 0 and o.token_ids == first.token_ids
+    ref = torch.log_softmax(dense_logits(loaded.model, p), -1)
+    assert len(o.prompt_logprobs) == len(p) and o.prompt_logprobs[0] is None
+    for t in range(1, len(p)):
+        assert abs(o.prompt_logprobs[t].logprob - float(ref[t - 1, p[t]])) <= TOL
+
+
 def test_n_fans_out_into_independent_seeded_samples(loaded):
     prompt = random_prompts(1, loaded.config.vocab_size, seed=2)[0]
     # fixed stride: a sampled output depends on the seed and the stride schedule, which the
