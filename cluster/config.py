@@ -10,6 +10,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     mode: isd                 # ar | isd | risd
     stride: 4                 # the most tokens per forward
     adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
+    enforce_eager: false      # CUDA: no CUDA graphs for decode steps
     max_num_seqs: 32          # engine limits (workers.EngineConfig)
     replica:
       num_replicas: 2         # or autoscaling_config: {min_replicas, max_replicas, target_ongoing_requests}
@@ -130,6 +131,7 @@ class AppConfig(_Strict):
     mask_token_id: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
+    enforce_eager: bool = False
     seed: int = 0
     # engine limits
     max_num_seqs: int = Field(64, ge=1)
@@ -170,6 +172,7 @@ class AppConfig(_Strict):
             mask_token_id=self.mask_token_id,
             dtype=self.dtype,
             device=self.device,
+            enforce_eager=self.enforce_eager,
             kv_block_size=self.kv_block_size,
             kv_cache_tokens=self.kv_cache_tokens,
             max_num_seqs=self.max_num_seqs,
