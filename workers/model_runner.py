@@ -92,7 +92,7 @@ class ModelRunner:
         if not self.kernel_path:
             return self._execute_sdpa(build_step_batch(sched.items, self.mask_token_id))
         pad = graph_padding(sched.items, sched.num_tokens, self.buckets) if self.graphs else None
-        if pad is not None:
+        if pad is not None and all(len(it.request.block_table) <= self.graph_width for it in sched.items):
             batch = build_step_batch(sched.items, self.mask_token_id, pad)
             shape = StepShape.of(batch, self.graph_width, self.cfg.num_kv_heads, self.device, self.max_model_len)
             if self.graphs.can_run(shape):

@@ -47,13 +47,14 @@ def _decode_items(cfg, n, rows_per_req, ctx=20, seed=0):
     """n decode rounds (pending + drafts + MASKs) of requests with `ctx` tokens cached, in blocks of
     16 laid out per request; strides per request from `rows_per_req` [(drafts, masks), ...]."""
     g = torch.Generator().manual_seed(seed)
+    nb = -(-(ctx + 8) // 16)  # blocks per request
     items = []
     for i in range(n):
         k, m = rows_per_req[i % len(rows_per_req)]
         toks = torch.randint(0, cfg.vocab_size - 1, (ctx + 1 + k,), generator=g).tolist()
         r = Request(str(i), toks[: ctx + 1], SamplingParams(), rng_key=i)
         r.num_computed, r.drafts = ctx, toks[ctx + 1 :]
-        r.block_table = list(range(3 * i, 3 * i + 3))
+        r.block_table = list(range(nb * i, nb * (i + 1)))
         items.append(ScheduledItem(r, num_real=1, num_drafts=k, num_masks=m, final=True, stride=k + 1))
     return SchedulerOutput(items=items)
 
@@ -93,6 +94,22 @@ def test_padded_decode_step_equals_eager_step(triton_attention, family, lora):
         untouched = torch.ones(kb.shape[0], dtype=torch.bool)
         untouched[written] = False
         assert torch.equal(kb[untouched], old[0][untouched]) and torch.equal(vb[untouched], old[1][untouched])
+
+
+def test_enforce_eager_config_and_graph_path_errors(triton_attention):
+    from workers.config import EngineConfig
+
+    with pytest.raises(ValueError, match="^enforce_eager: "):
+        EngineConfig(enforce_eager="no")
+    loaded = tiny_loaded("qwen3", vocab_size=64)
+    runner = _runner(loaded)
+    assert runner.graphs is None  # CPU: never captured by default
+    os_env = pytest.MonkeyPatch()
+    os_env.setenv("IDLM_ATTENTION", "torch")
+    sdpa = _runner(loaded)
+    os_env.undo()
+    with pytest.raises(ValueError, match="^enable_graphs: "):
+        sdpa.enable_graphs(capture=False)
 
 
 def test_graph_padding_rules():
