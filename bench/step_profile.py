@@ -39,6 +39,13 @@ def make_prompts(tok, n: int, ctx: int) -> list[list[int]]:
     return out
 
 
+def write_results(res: dict, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+
+
 def time_steps(llm, prompts, params, warm_steps: int, steps: int, profile: bool):
     eng = llm.engine
     for p in prompts:
@@ -122,10 +129,7 @@ def main() -> None:
             print(f"  profile {name} (per step):")
             for e in table:
                 print(f"    {e['op'][:40]:40s} {e['calls'] / a.steps:7.1f} calls {e['self_ms']:8.2f} ms")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    write_results(res, a.out)
 
 
 if __name__ == "__main__":

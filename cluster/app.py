@@ -7,13 +7,15 @@
       args: {model: smollm2, mode: isd, stride: 4, replica: {num_replicas: 2}}
 
 Owns: `build_app(args)`, which validates `args` with `AppConfig` (a bad field fails here, at
-start, with the field's name) and binds the ingress to the replica deployment.
+start, with the field's name), gives the replica deployment its request router (`router.policy`)
+and binds the ingress to it.
 """
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import AppConfig
 from cluster.ingress import OpenAIIngress
@@ -26,6 +28,10 @@ def build_app(args: dict | None = None) -> serve.Application:
     except ValidationError as e:
         raise ValueError(f"invalid idlm-serve app config (deploy args):\n{e}") from None
     raw = cfg.model_dump(mode="json")
-    replica = EngineReplica.options(name="EngineReplica", **cfg.replica.deployment_options()).bind(raw)
+    opts = cfg.replica.deployment_options()
+    router = cfg.router.request_router_config({"model": cfg.model_name, "mode": cfg.mode, "stride": cfg.to_engine_config().stride})
+    if router is not None:
+        opts["request_router_config"] = RequestRouterConfig(**router)
+    replica = EngineReplica.options(name="EngineReplica", **opts).bind(raw)
     ingress = OpenAIIngress.options(name="OpenAIIngress", **cfg.ingress.deployment_options())
     return ingress.bind(raw, replica)

@@ -10,13 +10,17 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     mode: isd                 # ar | isd | risd
     stride: 4                 # the most tokens per forward
     adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
+    enable_prefix_caching: true  # reuse KV of shared prefixes (system prompts, earlier turns)
     enforce_eager: false      # CUDA: no CUDA graphs for decode steps
     max_num_seqs: 32          # engine limits (workers.EngineConfig)
+    logprobs_mode: raw_logprobs   # or processed_logprobs (after penalties, temperature, top-k/p)
     replica:
       num_replicas: 2         # or autoscaling_config: {min_replicas, max_replicas, target_ongoing_requests}
       max_ongoing_requests: 32
       max_queued_requests: 64
       ray_actor_options: {num_cpus: 1, num_gpus: 0}
+    router:
+      policy: prefix          # prefix (cache- and load-aware, cluster.router) | pow2 (Serve's default)
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from workers.config import EngineConfig
 
-__all__ = ["AppConfig", "AutoscalingConfig", "IngressOptions", "ReplicaOptions", "ActorOptions", "ValidationError"]
+__all__ = ["AppConfig", "AutoscalingConfig", "IngressOptions", "ReplicaOptions", "RouterOptions", "ActorOptions",
+           "ValidationError"]
 
 
 class _Strict(BaseModel):
@@ -115,6 +120,56 @@ class IngressOptions(_Strict):
         }
 
 
+class RouterOptions(_Strict):
+    """How the ingress picks an engine replica (cluster.router_policy has the rules). `pow2` is Ray
+    Serve's power-of-two choices on queue length; `prefix` scores prefix-cache match, queue length
+    and KV usage (llm-d's scorers), with a per-request load gate and rendezvous placement of new
+    prefixes."""
+
+    policy: Literal["prefix", "pow2"] = "prefix"
+    prefix_weight: float = Field(3.0, ge=0)
+    queue_weight: float = Field(2.0, ge=0)
+    kv_weight: float = Field(2.0, ge=0)
+    match_threshold: float = Field(0.1, ge=0, le=1)
+    """Matched fraction of the prompt's blocks below which a prefix counts as cold."""
+    imbalance_abs: int = Field(8, ge=0)
+    """Affinity yields (for that request) when its replica's queue exceeds the shortest by more than
+    this many requests and by the factor `imbalance_rel`."""
+    imbalance_rel: float = Field(1.5, ge=1)
+    kv_usage_limit: float = Field(0.95, gt=0, le=1)
+    """Replicas whose KV usage is above this are not chosen while another is below."""
+    cold_policy: Literal["rendezvous", "pow2"] = "rendezvous"
+    cold_balance: float = Field(0.1, ge=0)
+    """Rendezvous placement skips replicas holding more than (1 + cold_balance) x their share."""
+    cold_key_blocks: int = Field(4, ge=1)
+    """Cold placement keys on the digest of block min(n, cold_key_blocks) - 1: a long shared system
+    prompt keys its group, not the first block that every chat-templated prompt shares."""
+    index_capacity_blocks: int | None = Field(None, ge=1)
+    """Router's per-replica prefix index size; None: the replica's KV size in blocks."""
+    max_prefix_blocks: int = Field(512, ge=1)
+    """Most prompt blocks the ingress hashes and sends to the router."""
+    stats_period_s: float = Field(1.0, gt=0)
+    """How often Serve pulls each replica's routing stats (KV usage, queue, prefill backlog)."""
+    stats_timeout_s: float = Field(5.0, gt=0)
+
+    @classmethod
+    def from_router_kwargs(cls, kwargs: dict) -> RouterOptions:
+        """What `cluster.router` gets back from `request_router_kwargs` (the labels dropped)."""
+        return cls.model_validate({k: v for k, v in kwargs.items() if k in cls.model_fields})
+
+    def request_router_config(self, labels: dict) -> dict | None:
+        """`RequestRouterConfig` fields of the engine deployment; None keeps Serve's default router."""
+        if self.policy == "pow2":
+            return None
+        kwargs = self.model_dump(exclude={"policy", "max_prefix_blocks", "stats_period_s", "stats_timeout_s"})
+        return {
+            "request_router_class": "cluster.router:IdlmPrefixRouter",
+            "request_router_kwargs": {**kwargs, **labels},
+            "request_routing_stats_period_s": self.stats_period_s,
+            "request_routing_stats_timeout_s": self.stats_timeout_s,
+        }
+
+
 API_KEY_ENV = "IDLM_API_KEY"
 
 
@@ -127,6 +182,7 @@ class AppConfig(_Strict):
     mode: Literal["ar", "isd", "risd"] = "isd"
     stride: int = Field(4, ge=1, le=16)
     adaptive_stride: bool = True
+    enable_prefix_caching: bool = True
     adapter: str | None = None
     mask_token_id: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -139,12 +195,16 @@ class AppConfig(_Strict):
     kv_cache_tokens: int = Field(65536, ge=1)
     kv_block_size: int = Field(16, ge=1)
     max_model_len: int | None = Field(None, ge=2)
+    # sampling API
+    max_logprobs: int = Field(20, ge=0)
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     # HTTP
     api_key: str | None = Field(None, min_length=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
     # deployments
     replica: ReplicaOptions = Field(default_factory=ReplicaOptions)
     ingress: IngressOptions = Field(default_factory=IngressOptions)
+    router: RouterOptions = Field(default_factory=RouterOptions)
 
     @model_validator(mode="after")
     def _engine_valid(self) -> AppConfig:
@@ -168,6 +228,7 @@ class AppConfig(_Strict):
             mode=self.mode,
             stride=self.stride,
             adaptive_stride=self.adaptive_stride,
+            enable_prefix_caching=self.enable_prefix_caching,
             adapter=self.adapter,
             mask_token_id=self.mask_token_id,
             dtype=self.dtype,
@@ -179,4 +240,6 @@ class AppConfig(_Strict):
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             seed=self.seed,
+            max_logprobs=self.max_logprobs,
+            logprobs_mode=self.logprobs_mode,
         )

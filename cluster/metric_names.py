@@ -12,11 +12,20 @@ COUNTERS = {
     "idlm_requests": "Finished requests by finish reason.",
     "idlm_rounds_by_stride": "Decode rounds by the stride n they ran with (label `stride` = the round's n; "
                              "the adaptive stride picks n in 1..N).",
+    "idlm_prefix_cache_queries": "Prefix-cache lookups in tokens (prompt tokens of admitted requests; "
+                                 "re-admissions after preemption excluded).",
+    "idlm_prefix_cache_hits": "Prefix-cache hits in tokens (tokens whose KV was reused, same requests as queries).",
+    "idlm_prefix_cache_evictions": "Cached KV blocks evicted (least recently used) to make room.",
+    "idlm_router_decisions": "Routing decisions of the ingress's prefix router by outcome (affinity, cold, "
+                             "imbalance, fallback, spill); label `replica` = the replica chosen.",
 }
+ROUTER_COUNTERS = ("idlm_router_decisions",)
+"""Exported by the ingress process (cluster.router), not by the engine replicas."""
 GAUGES = {
     "idlm_num_requests_running": "Requests in the running batch.",
     "idlm_num_requests_waiting": "Requests waiting for admission.",
-    "idlm_kv_cache_usage_ratio": "Fraction of KV blocks in use.",
+    "idlm_kv_cache_usage_ratio": "Fraction of KV blocks in use (held by requests; free cached blocks excluded).",
+    "idlm_kv_cache_cached_blocks": "KV blocks holding a cached prefix (in use or free and evictable).",
     "idlm_step_time_predicted_seconds": "Adaptive stride: the step-cost model's predicted step time (moving average).",
     "idlm_step_time_measured_seconds": "Adaptive stride: the measured step time of the same steps (moving average).",
 }

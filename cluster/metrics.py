@@ -19,13 +19,15 @@ increments, so a counter series appears with its first event.
 Derived figures (PromQL used by the dashboards):
   TPF        = sum(rate(ray_idlm_generation_tokens_total[1m])) / sum(rate(ray_idlm_decode_forwards_total[1m]))
   acceptance = sum(rate(ray_idlm_accepted_tokens_total[1m])) / sum(rate(ray_idlm_draft_tokens_total[1m]))
+  prefix-cache hit rate = sum(rate(ray_idlm_prefix_cache_hits_total[1m])) / sum(rate(ray_idlm_prefix_cache_queries_total[1m]))
+The router's `idlm_router_decisions` counter is registered by cluster.router in the ingress process.
 """
 
 from __future__ import annotations
 
 from ray.util import metrics as rm
 
-from cluster.metric_names import COUNTERS, GAUGES, HISTOGRAMS, LABELS
+from cluster.metric_names import COUNTERS, GAUGES, HISTOGRAMS, LABELS, ROUTER_COUNTERS
 from workers.stats import EngineStats, Observations
 
 _BUCKETS = {
@@ -49,7 +51,7 @@ class EngineMetricsExporter:
         self.tags = {"model": model, "mode": mode, "stride": str(stride), "replica": replica}
         extra = {"idlm_accepted_tokens_per_pos": ("position",), "idlm_rounds": ("kind",), "idlm_requests": ("finish_reason",)}
         self.counters = {n: rm.Counter(n, d, tag_keys=LABELS + extra.get(n, ())) for n, d in COUNTERS.items()
-                         if n != "idlm_rounds_by_stride"}
+                         if n != "idlm_rounds_by_stride" and n not in ROUTER_COUNTERS}
         # its `stride` label is the round's stride (not the configured maximum, which it replaces)
         self.counters["idlm_rounds_by_stride"] = rm.Counter(
             "idlm_rounds_by_stride", COUNTERS["idlm_rounds_by_stride"], tag_keys=LABELS)
@@ -69,6 +71,9 @@ class EngineMetricsExporter:
             ("idlm_decode_forwards", "decode_forwards"),
             ("idlm_draft_tokens", "draft_tokens"),
             ("idlm_accepted_tokens", "accepted_tokens"),
+            ("idlm_prefix_cache_queries", "prefix_cache_queries"),
+            ("idlm_prefix_cache_hits", "prefix_cache_hits"),
+            ("idlm_prefix_cache_evictions", "prefix_cache_evictions"),
         ):
             d = getattr(st, field) - getattr(p, field)
             if d > 0:
@@ -89,6 +94,7 @@ class EngineMetricsExporter:
         self.gauges["idlm_num_requests_running"].set(st.num_running, tags=t)
         self.gauges["idlm_num_requests_waiting"].set(st.num_waiting, tags=t)
         self.gauges["idlm_kv_cache_usage_ratio"].set(st.kv_cache_usage, tags=t)
+        self.gauges["idlm_kv_cache_cached_blocks"].set(st.kv_cache_cached_blocks, tags=t)
         self.gauges["idlm_step_time_predicted_seconds"].set(st.step_time_predicted, tags=t)
         self.gauges["idlm_step_time_measured_seconds"].set(st.step_time_measured, tags=t)
         for name, field in _OBS_FIELD.items():

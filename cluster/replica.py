@@ -1,7 +1,8 @@
 """The replica deployment: owns one `AsyncEngine` (its step loop runs in a background thread) and
 streams deltas back to the ingress through a streaming deployment handle.
 
-Owns: `EngineReplica` (generate stream, stats, health check) and the periodic metrics export.
+Owns: `EngineReplica` (generate stream, stats, routing stats for cluster.router, prefix-cache
+reset, health check) and the periodic metrics export.
 Cancellation of the handle call (client disconnect) closes the engine's async iterator, which
 aborts the request and frees its KV blocks.
 """
@@ -50,7 +51,7 @@ class EngineReplica:
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Delta]:
         self._ensure_exporter()
         params = SamplingParams(**req["params"])
-        async for out in self.engine.generate(req["prompt_token_ids"], params, req["request_id"]):
+        async for out in self.engine.generate(req["prompt_token_ids"], params, req["request_id"], req.get("cache_salt")):
             yield Delta(
                 request_id=out.request_id,
                 token_ids=out.new_token_ids,
@@ -59,8 +60,12 @@ class EngineReplica:
                 finish_reason=out.finish_reason,
                 num_prompt_tokens=out.num_prompt_tokens,
                 num_output_tokens=out.num_output_tokens,
+                num_cached_tokens=out.num_cached_tokens,
                 replica=self.replica_id,
                 metrics=out.metrics.to_dict() if out.metrics else None,
+                logprobs=None if out.logprobs is None else [list(e) for e in out.logprobs],
+                prompt_logprobs=None if out.prompt_logprobs is None else
+                [None if e is None else list(e) for e in out.prompt_logprobs],
             )
 
     async def stats(self) -> dict:
@@ -79,7 +84,31 @@ class EngineReplica:
             "num_waiting": st.num_waiting,
             "kv_cache_usage": st.kv_cache_usage,
             "requests": dict(st.requests),
+            "prefix_cache_queries": st.prefix_cache_queries,
+            "prefix_cache_hits": st.prefix_cache_hits,
+            "prefix_cache_preempted_queries": st.prefix_cache_preempted_queries,
+            "prefix_cache_preempted_hits": st.prefix_cache_preempted_hits,
+            "prefix_cache_evictions": st.prefix_cache_evictions,
+            "kv_cache_cached_blocks": st.kv_cache_cached_blocks,
         }
+
+    def record_routing_stats(self) -> dict:
+        """Pulled by the Serve controller every `router.stats_period_s` and broadcast to every
+        handle's router (cluster.router) as `replica.routing_stats`. Small and flat: each change
+        re-broadcasts the replica set."""
+        st = self.engine.stats()
+        return {
+            "kv_usage": round(st.kv_cache_usage, 3),
+            "num_running": st.num_running,
+            "num_waiting": st.num_waiting,
+            "queued_prefill_tokens": st.queued_prefill_tokens,
+            "num_blocks": self.engine.config.num_blocks,
+            "block_size": self.engine.config.kv_block_size,
+        }
+
+    async def reset_prefix_cache(self) -> int:
+        """Forgets this replica's cached prefixes (benchmarks, new weights); returns how many blocks."""
+        return self.engine.reset_prefix_cache()
 
     async def check_health(self) -> None:
         """Called periodically by the Serve controller: raising marks the replica unhealthy and

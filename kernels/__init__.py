@@ -65,6 +65,8 @@ def verify(target_logits, draft_logits, draft_token_ids, num_drafts, meta):
 
 def sample(logits, req_index, stream, meta, purpose):
     """One token per row from the request's processed distribution (argmax for greedy rows)."""
+    if meta.all_greedy:  # every backend's greedy rows are the argmax: skip the softmax work
+        return logits.argmax(-1)
     if backend(logits.device) == "triton":
         from kernels.acceptance import sample_triton
 

@@ -35,7 +35,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objective", choices=["gated-lora", "idlm"], default="gated-lora")
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--data", default="training/data/smollm2")
+    ap.add_argument("--data", nargs="+", default=["training/data/smollm2"],
+                    help="data directories; their train.jsonl rows are pooled (e.g. the grid and the diverse set)")
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--group", type=int, default=7, help="MASK rows per cut (gated-lora); 7 covers N<=8")
     ap.add_argument("--cuts", type=int, default=12)
@@ -78,10 +79,14 @@ def main(argv=None) -> None:
     model_dir = resolve_model(a.model)
     model, cfg = load_model(model_dir, device=a.device, dtype=getattr(torch, a.base_dtype))
     mask_id = default_mask_token_id(a.model, cfg)
-    train_file = Path(a.data) / "train.jsonl"
-    while not (train_file.exists() and train_file.stat().st_size > 0):  # data builder still running
+    train_files = [Path(d) / "train.jsonl" for d in a.data]
+    while not all(f.exists() and f.stat().st_size > 0 for f in train_files):  # data builder still running
         time.sleep(5)
-    rows, size = load_rows(train_file), train_file.stat().st_size
+
+    def sizes() -> list[int]:
+        return [f.stat().st_size for f in train_files]
+
+    rows, size = [r for f in train_files for r in load_rows(f)], sizes()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -146,9 +151,9 @@ def main(argv=None) -> None:
     bar = tqdm(total=a.steps, initial=step, desc=a.objective)
     log = open(out / "log.jsonl", "a")
     while step < a.steps:
-        if step % 10 == 0 and train_file.stat().st_size != size:  # the data builder still appending
-            size = train_file.stat().st_size
-            rows = load_rows(train_file) or rows
+        if step % 10 == 0 and sizes() != size:  # a data builder still appending
+            size = sizes()
+            rows = [r for f in train_files for r in load_rows(f)] or rows
         picks = [rng.randrange(len(rows)) for _ in range(a.batch)]
         opt.zero_grad(set_to_none=True)
         if a.objective == "gated-lora":

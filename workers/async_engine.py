@@ -77,7 +77,8 @@ class AsyncEngine:
 
     # -- requests ----------------------------------------------------------------------------
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         self.check_health()
         rid = request_id or f"areq-{next(self._ids)}"
@@ -86,7 +87,7 @@ class AsyncEngine:
         with self._lock:
             if rid in self._queues:
                 raise ValueError(f"request_id: {rid!r} is already running")
-            self.engine.add_request(prompt_token_ids, params, rid)  # raises ValueError on bad input
+            self.engine.add_request(prompt_token_ids, params, rid, cache_salt=cache_salt)  # ValueError on bad input
             self._queues[rid] = (loop, queue)
         self._wake.set()
         finished = False
@@ -110,6 +111,10 @@ class AsyncEngine:
         if entry is not None and out is not None:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def reset_prefix_cache(self) -> int:
+        with self._lock:
+            return self.engine.reset_prefix_cache()
 
     def stats(self) -> EngineStats:
         return self.engine.stats.snapshot()

@@ -37,6 +37,8 @@ class StepBatch:
     tables: list[list[int]] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)  # request-order rows whose logits are needed
     logit_offsets: list[int] = field(default_factory=list)  # per item: its first row in the logits (-1: none)
+    prompt_rows: list[int] = field(default_factory=list)  # request-order rows whose hidden states go back
+    prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (item, first prompt position, count)
 
     @property
     def num_requests(self) -> int:
@@ -67,8 +69,15 @@ def build_step_batch(items, mask_token_id: int | None, pad: tuple[int, int, int]
     token 0 in the clean region and MASK in the MASK region."""
     b = StepBatch()
     ro = 0  # first request-order row of the current request
-    for it in items:
+    for i, it in enumerate(items):
         req = it.request
+        if req.needs_prompt_logits:
+            # rows at positions p < prompt_len - 1 predict prompt token p + 1
+            start = max(req.num_computed, len(req.prompt_logprobs or ()))
+            end = min(req.num_computed + it.num_real, req.num_prompt_tokens - 1)
+            if end > start:
+                b.prompt_spans.append((i, start, end - start))
+                b.prompt_rows += range(ro + start - req.num_computed, ro + end - req.num_computed)
         clean = req.token_slice(req.num_computed, req.num_computed + it.num_real)
         m = 0
         if it.final:

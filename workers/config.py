@@ -56,8 +56,16 @@ class EngineConfig:
     """Token budget of one forward (prefill chunks + ISD blocks)."""
     max_model_len: int | None = None
     """Context length limit; None: the model's own."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks of committed tokens across requests (shared system prompts, later
+    turns, n samples of one prompt); output is token-for-token the same with it off."""
     seed: int = 0
     """Seeds the per-request seeds of requests that give none."""
+    max_logprobs: int = 20
+    """Most top alternatives a request may ask for (`logprobs`, `prompt_logprobs`)."""
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    """`raw_logprobs`: log_softmax of the model's logits (vLLM's default). `processed_logprobs`: of
+    the distribution sampled from (processors, temperature, top-k / top-p; greedy: processors)."""
     trust_cache: bool = True
     """Reuse converted model files in the cache directory."""
     extra: dict = field(default_factory=dict)
@@ -73,6 +81,8 @@ class EngineConfig:
             # NOTE: AR is ISD with N=1: no drafts, no MASK rows.
             self.stride = 1
         _require(isinstance(self.adaptive_stride, bool), "adaptive_stride", f"must be a boolean, got {self.adaptive_stride!r}")
+        _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
+                 f"must be a boolean, got {self.enable_prefix_caching!r}")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported {self.dtype!r}")
         _require(isinstance(self.enforce_eager, bool), "enforce_eager", f"must be a boolean, got {self.enforce_eager!r}")
         _require(self.kv_block_size >= 1, "kv_block_size", "must be >= 1")
@@ -85,6 +95,16 @@ class EngineConfig:
             f"must be >= 2*stride ({2 * self.stride}) so one ISD block fits a step",
         )
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        _require(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0, "max_logprobs", "must be an integer >= 0")
+        _require(self.logprobs_mode in ("raw_logprobs", "processed_logprobs"), "logprobs_mode",
+                 f"must be 'raw_logprobs' or 'processed_logprobs', got {self.logprobs_mode!r}")
+
+    def cache_namespace(self, cache_salt: str | None = None) -> bytes:
+        """Root digest of this engine's block-hash chains (workers.block_hash); the ingress and the
+        router compute the same from the same config."""
+        from workers.block_hash import namespace_root
+
+        return namespace_root(self.model, self.adapter if self.mode == "risd" else None, self.kv_block_size, cache_salt)
 
     @property
     def num_blocks(self) -> int:

@@ -45,7 +45,8 @@ class OutputProcessor:
                 break
             before = len(req.text)
             req.text += self._decode_piece(req, tok)
-            if p.stop and self._check_stop_strings(req, before):
+            # Stop strings count only from `min_tokens` on (vLLM); EOS / stop ids are banned before.
+            if p.stop and req.num_output_tokens >= p.min_tokens and self._check_stop_strings(req, before):
                 break
             if req.remaining_tokens <= 0:
                 req.finish_reason = "length"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.rng import request_key
+from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.detokenizer import OutputProcessor
@@ -102,15 +103,17 @@ class LLMEngine:
                            config.num_blocks * config.kv_block_size)
             self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1))
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy)
-        self.decoder = ISDDecoder(mcfg.vocab_size, draft_mode=config.extra.get("draft_mode", "sample"), drafter=drafter)
         eos = list(mcfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.append(self.tokenizer.eos_token_id)
+        self.decoder = ISDDecoder(mcfg.vocab_size, draft_mode=config.extra.get("draft_mode", "sample"), drafter=drafter,
+                                  eos_token_ids=eos, logprobs_mode=config.logprobs_mode)
         self.output = OutputProcessor(self.tokenizer, eos)
         self.stats = StatsCollector(config.stride)
         self.requests: dict[str, Request] = {}
         self._seed_rng = random.Random(config.seed)
         self._ids = itertools.count()
+        self._hash_root = config.cache_namespace()
 
     # -- requests ----------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -126,6 +129,7 @@ class LLMEngine:
             raise ValueError(
                 f"max_tokens: prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds max_model_len={self.max_model_len}"
             )
+        self._validate_params(params, V)
         need = self.blocks.blocks_for(n + params.max_tokens + 2 * self.config.stride)
         if need > self.blocks.num_blocks:
             raise ValueError(
@@ -133,14 +137,35 @@ class LLMEngine:
                 f"(kv_cache_tokens={self.blocks.num_blocks * self.blocks.block_size})"
             )
 
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def _validate_params(self, params: SamplingParams, V: int) -> None:
+        """The model-dependent limits of SamplingParams (their own ranges are checked on creation)."""
+        if params.n != 1:
+            raise ValueError(f"n: the engine runs one sample per request (got n={params.n}); "
+                             "submit SamplingParams.fan_out() as separate requests")
+        if params.logit_bias and max(params.logit_bias) >= V:
+            raise ValueError(f"logit_bias: token id {max(params.logit_bias)} is outside the vocabulary [0, {V})")
+        if any(t >= V for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids: token ids must be in [0, {V})")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.config.max_logprobs:
+                raise ValueError(f"{name}: at most {self.config.max_logprobs} (max_logprobs), got {k}")
+
+    def add_request(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, cache_salt: str | None = None
+    ) -> str:
+        """`cache_salt`: requests share cached prefix blocks only with requests of the same salt
+        (tenant isolation, as vLLM's `cache_salt`)."""
         prompt_token_ids = list(prompt_token_ids)
         self.validate(prompt_token_ids, params)
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt: must be a string, got {type(cache_salt).__name__}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request_id: {rid!r} is already running")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         req = Request(rid, prompt_token_ids, params, rng_key=request_key(seed))
+        req.hash_root = self.config.cache_namespace(cache_salt) if cache_salt else self._hash_root
         req.accept_state = self.policy.acceptance.new_state()
         self.requests[rid] = req
         self.scheduler.add(req)
@@ -161,6 +186,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def reset_prefix_cache(self) -> int:
+        """Forgets every cached prefix block (e.g. after new weights); returns how many. Running
+        requests keep their KV. Safe at any step boundary."""
+        n = self.blocks.reset_prefix_cache()
+        self._update_gauges()
+        return n
+
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
@@ -169,6 +201,8 @@ class LLMEngine:
             self._update_gauges()
             return []
         runner_out = self.runner.execute(sched)
+        if runner_out.prompt_spans:
+            self._gather_prompt_logprobs(sched, runner_out)
         results = self.decoder.process(sched, runner_out)
         by_req = {id(r.item): r for r in results}
         for it in sched.items:
@@ -187,17 +221,34 @@ class LLMEngine:
         with self.stats as (st, obs):
             st.steps += 1
             st.preemptions += len(sched.preempted)
+            st.add_prefix_cache(sched.cache)
             if decode_like:
-                first = st.step_time_measured == 0.0
-                st.step_time_predicted += predicted - st.step_time_predicted if first else 0.1 * (predicted - st.step_time_predicted)
-                st.step_time_measured += elapsed - st.step_time_measured if first else 0.1 * (elapsed - st.step_time_measured)
+                w = 1.0 if st.step_time_measured == 0.0 else 0.1  # moving averages, seeded by the first step
+                st.step_time_predicted += w * (predicted - st.step_time_predicted)
+                st.step_time_measured += w * (elapsed - st.step_time_measured)
             obs.step_duration.append(elapsed)
         self._update_gauges()
         return outputs
 
+    def _gather_prompt_logprobs(self, sched, out) -> None:
+        pos = 0
+        for i, start, n in out.prompt_spans:
+            req = sched.items[i].request
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = []
+            if start != len(req.prompt_logprobs):  # an engine bug (e.g. a prefix-cache hit skipped rows)
+                raise RuntimeError(f"prompt_logprobs of {req.request_id}: rows from {len(req.prompt_logprobs)} "
+                                   f"expected, got {start}")
+            targets = req.prompt_token_ids[start + 1 : start + 1 + n]
+            with torch.inference_mode():
+                req.prompt_logprobs += logprobs.prompt_logprobs(
+                    self.runner.model.compute_logits, out.prompt_hidden[pos : pos + n], targets, req.params.prompt_logprobs)
+            pos += n
+
     def _apply(self, res: RoundResult, now: float) -> RequestOutput | None:
         req = res.item.request
         kept = self.output.append(req, res.tokens)
+        lps = res.logprobs[: len(kept)] if res.logprobs is not None else None
         m = req.metrics
         m.num_forwards += 1
         m.num_draft_tokens += res.num_drafts
@@ -227,16 +278,27 @@ class LLMEngine:
         if req.finish_reason is not None:
             self.requests.pop(req.request_id, None)
             self.scheduler.remove(req)
-            return self._finish(req, kept, now)
+            return self._finish(req, kept, now, lps)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=kept,
             new_text=self.output.text_delta(req, finished=False),
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
+            logprobs=lps,
+            prompt_logprobs=self._take_prompt_logprobs(req),
+            num_cached_tokens=req.num_cached_tokens,
         )
 
-    def _finish(self, req: Request, kept: list[int], now: float) -> RequestOutput:
+    @staticmethod
+    def _take_prompt_logprobs(req: Request) -> list | None:
+        """The prompt logprobs, on the request's first output only (first entry None: no context)."""
+        if req.params.prompt_logprobs is None or req.prompt_logprobs_sent:
+            return None
+        req.prompt_logprobs_sent = True
+        return [None] + list(req.prompt_logprobs or [])
+
+    def _finish(self, req: Request, kept: list[int], now: float, lps: list | None = None) -> RequestOutput:
         req.status = RequestStatus.FINISHED
         m = req.metrics
         m.finish_time = now
@@ -255,7 +317,10 @@ class LLMEngine:
             stop_reason=req.stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
             metrics=m,
+            logprobs=lps,
+            prompt_logprobs=self._take_prompt_logprobs(req),
         )
 
     def _update_gauges(self) -> None:
@@ -263,3 +328,6 @@ class LLMEngine:
             st.num_running = len(self.scheduler.running)
             st.num_waiting = len(self.scheduler.waiting)
             st.kv_cache_usage = self.blocks.usage
+            st.kv_cache_cached_blocks = self.blocks.num_cached
+            st.prefix_cache_evictions = self.blocks.evictions
+            st.queued_prefill_tokens = self.scheduler.queued_prefill_tokens()

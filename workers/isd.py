@@ -12,6 +12,12 @@ AR mode is k = m = 0 throughout.
 Verification and sampling go through `kernels` (Triton on CUDA, the torch reference elsewhere),
 with each request's own temperature / top-k / top-p / seed, so every emitted token is distributed
 exactly as AR sampling (and greedy ISD equals greedy AR token for token).
+
+Requests with logits processors (penalties, `logit_bias`, `min_tokens`, `min_p`) have their target
+rows processed with the history each row assumes, and their MASK rows processed (position by
+position, each seeing the drafts drawn before it) before the drafts are drawn; the processed MASK
+rows are the stored q (`workers.logits_processors`). Logprobs come from the target row of each
+emitted token (`workers.logprobs`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch
 import kernels
 from kernels import SamplingMetadata
 from kernels.rng import PURPOSE_DRAFT
+from workers import logprobs as lp
+from workers.logits_processors import LogitsProcessors, any_processors, apply
 from workers.model_runner import RunnerOutput
 from workers.request import Request
 from workers.scheduler import ScheduledItem, SchedulerOutput
@@ -42,6 +50,8 @@ class RoundResult:
     num_drafts: int
     num_accepted: int
     accepted: list[bool] = field(default_factory=list)
+    logprobs: list[lp.TokenLogprob] | None = None
+    """One entry per token of `tokens` when the request asked for logprobs."""
 
     @property
     def kind(self) -> str:
@@ -62,10 +72,14 @@ class ISDDecoder:
         vocab_size: int,
         draft_mode: Literal["sample", "argmax"] = "sample",
         drafter: Drafter | None = None,
+        eos_token_ids: list[int] | None = None,
+        logprobs_mode: lp.LogprobsMode = "raw_logprobs",
     ) -> None:
         self.vocab_size = vocab_size
         self.draft_mode = draft_mode
         self.drafter = drafter
+        self.processors = LogitsProcessors(vocab_size, eos_token_ids or [])
+        self.logprobs_mode = logprobs_mode
 
     def _metadata(self, reqs: list[Request], device) -> SamplingMetadata:
         return SamplingMetadata(
@@ -86,9 +100,28 @@ class ISDDecoder:
         meta = self._metadata(reqs, dev)
         num_drafts = [it.num_drafts for it, _ in finals]
         target_idx: list[int] = []
+        t_off: list[int] = []  # first row of each request in `target`
         for it, off in finals:
+            t_off.append(len(target_idx))
             target_idx += range(off, off + it.num_drafts + 1)
         target = logits.index_select(0, torch.tensor(target_idx, dtype=torch.long, device=dev))  # [sum(k+1), V]
+        want_lp = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        proc = None
+        if any_processors(reqs):
+            # verify row j of a request sees its output + the drafts before row j
+            proc = self.processors.prepare(
+                [(it.request, t_off[i] + j, it.request.drafts[:j]) for i, (it, _) in enumerate(finals)
+                 for j in range(it.num_drafts + 1)], dev)
+        lp_src, lp_off = target, t_off
+        if proc is not None:
+            if want_lp and self.logprobs_mode == "raw_logprobs":
+                # raw logprobs: keep the unprocessed rows of the requests that asked for them
+                lp_off, keep = {}, []
+                for i in want_lp:
+                    lp_off[i] = len(keep)
+                    keep += range(t_off[i], t_off[i] + num_drafts[i] + 1)
+                lp_src = target.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
+            apply(target, proc)
         draft_ids = torch.tensor([d for it, _ in finals for d in it.request.drafts[: it.num_drafts]], dtype=torch.long, device=dev)
         draft_logits = None
         if sum(num_drafts) and not meta.all_greedy:
@@ -104,7 +137,7 @@ class ISDDecoder:
         tokens, num_out = tokens.tolist(), num_out.tolist()
 
         results = []
-        propose: list[tuple[int, ScheduledItem, int, int]] = []  # (result idx, item, first mask row, next out idx)
+        propose: list[tuple[ScheduledItem, int, int, list[int]]] = []  # (item, first mask row, next out idx, round tokens)
         for i, (it, off) in enumerate(finals):
             n = num_out[i]
             res = RoundResult(item=it, tokens=tokens[i][:n], num_drafts=it.num_drafts, num_accepted=n - 1)
@@ -112,33 +145,64 @@ class ISDDecoder:
             results.append(res)
             if res.num_accepted == it.num_drafts and it.num_masks > 0:
                 next_index = it.request.num_output_tokens + n
-                propose.append((i, it, off + it.num_drafts + 1, next_index))
+                propose.append((it, off + it.num_drafts + 1, next_index, res.tokens))
             else:
                 it.request.clear_drafts()
-        self._propose(propose, logits, meta)
+        if want_lp:
+            self._logprobs(want_lp, results, lp_off, lp_src, meta)
+        self._propose(propose, logits, meta, {id(r): i for i, r in enumerate(reqs)})
         for r in reqs:
             r.rng_step += 1
         return results
 
-    def _propose(self, propose, logits: torch.Tensor, meta: SamplingMetadata) -> None:
+    def _logprobs(self, want: list[int], results: list[RoundResult], t_off, src: torch.Tensor,
+                  meta: SamplingMetadata) -> None:
+        """Entries of every emitted token from its own target row of `src` (raw or processed logits;
+        request i's rows start at `t_off[i]`)."""
+        rows, toks, ks, req_of_row = [], [], [], []
+        for i in want:
+            res = results[i]
+            rows += range(t_off[i], t_off[i] + len(res.tokens))
+            toks += res.tokens
+            ks += [res.item.request.params.logprobs] * len(res.tokens)
+            req_of_row += [i] * len(res.tokens)
+        dev = src.device
+        x = src.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))
+        if self.logprobs_mode == "raw_logprobs":
+            logp = lp.raw(x)
+        else:
+            m = meta.rows(torch.tensor(req_of_row, dtype=torch.long, device=dev))
+            logp = lp.processed(x, m.temperature, m.top_k, m.top_p)
+        entries = lp.gather(logp, torch.tensor(toks, dtype=torch.long, device=dev), ks)
+        pos = 0
+        for i in want:
+            n = len(results[i].tokens)
+            results[i].logprobs, pos = entries[pos : pos + n], pos + n
+
+    def _draw(self, rows: torch.Tensor, ri: torch.Tensor, stream: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        if self.draft_mode == "argmax":
+            return rows.argmax(-1)
+        return kernels.sample(rows, ri, stream, meta, PURPOSE_DRAFT)
+
+    def _propose(self, propose, logits: torch.Tensor, meta: SamplingMetadata, req_pos: dict[int, int]) -> None:
         """New drafts from the MASK rows of requests whose drafts were all accepted."""
         if not propose:
             return
         dev, V = logits.device, logits.shape[1]
         rows, req_index, stream = [], [], []
-        for i, it, first, _ in propose:
+        for it, first, _, _ in propose:
             rows += range(first, first + it.num_masks)
-            req_index += [i] * it.num_masks
+            req_index += [req_pos[id(it.request)]] * it.num_masks
             stream += range(it.num_masks)
         mask_logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))  # [M, V]
         ri = torch.tensor(req_index, dtype=torch.long, device=dev)
-        if self.draft_mode == "argmax":
-            proposed = mask_logits.argmax(-1)
+        st = torch.tensor(stream, dtype=torch.long, device=dev)
+        if any_processors([it.request for it, *_ in propose]):
+            proposed = self._draw_processed(propose, mask_logits, ri, st, meta)
         else:
-            proposed = kernels.sample(mask_logits, ri, torch.tensor(stream, dtype=torch.long, device=dev), meta, PURPOSE_DRAFT)
-        proposed = proposed.tolist()
+            proposed = self._draw(mask_logits, ri, st, meta).tolist()
         pos = 0
-        for _, it, _, next_index in propose:
+        for it, _, next_index, _ in propose:
             req, m = it.request, it.num_masks
             drafts = proposed[pos : pos + m]
             q_logits = mask_logits[pos : pos + m]
@@ -154,3 +218,24 @@ class ISDDecoder:
                 req.draft_logits = _onehot_logits(drafts, V, dev)
             else:
                 req.draft_logits = q_logits.clone()
+
+    def _draw_processed(self, propose, mask_logits: torch.Tensor, ri: torch.Tensor, st: torch.Tensor,
+                        meta: SamplingMetadata) -> list[int]:
+        """Drafts position by position: MASK row i of a request is processed with the history it
+        assumes (output + this round's tokens + the drafts drawn at rows < i), in place, then drawn."""
+        dev = mask_logits.device
+        starts, pos = [], 0
+        for it, *_ in propose:
+            starts.append(pos)
+            pos += it.num_masks
+        proposed = [0] * pos
+        for i in range(max(it.num_masks for it, *_ in propose)):
+            live = [(it, s, toks) for (it, _, _, toks), s in zip(propose, starts) if it.num_masks > i]
+            b = self.processors.prepare([(it.request, s + i, toks + proposed[s : s + i]) for it, s, toks in live], dev)
+            if b is not None:
+                apply(mask_logits, b)
+            sel = [s + i for _, s, _ in live]
+            idx = torch.tensor(sel, dtype=torch.long, device=dev)
+            for r, t in zip(sel, self._draw(mask_logits[idx], ri[idx], st[idx], meta).tolist()):
+                proposed[r] = t
+        return proposed

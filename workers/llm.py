@@ -41,6 +41,8 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[CompletionResult]:
+        """One result per prompt, in order; a prompt with `n > 1` gives its n samples in a row
+        (`CompletionResult.index` 0..n-1, seeds as `SamplingParams.fan_out`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         token_lists = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
@@ -48,24 +50,26 @@ class LLM:
             params = [params or SamplingParams()] * len(token_lists)
         if len(params) != len(token_lists):
             raise ValueError("params: one SamplingParams per prompt, or a single one for all")
-        order = [self.engine.add_request(ids, p) for ids, p in zip(token_lists, params)]
-        prompt_of = dict(zip(order, token_lists))
+        jobs = [(ids, child, i) for ids, p in zip(token_lists, params) for i, child in enumerate(p.fan_out())]
+        order = [self.engine.add_request(ids, child) for ids, child, _ in jobs]
         done: dict[str, CompletionResult] = {}
-        tokens: dict[str, list[int]] = {rid: [] for rid in order}
+        partial = {rid: CompletionResult(rid, ids, [], "", None, None, index=i,  # type: ignore[arg-type]
+                                         logprobs=[] if child.logprobs is not None else None)
+                   for rid, (ids, child, i) in zip(order, jobs)}
         texts: dict[str, list[str]] = {rid: [] for rid in order}
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                tokens[out.request_id] += out.new_token_ids
+                res = partial[out.request_id]
+                res.token_ids += out.new_token_ids
                 texts[out.request_id].append(out.new_text)
+                if out.logprobs is not None:
+                    res.logprobs += out.logprobs
+                if out.prompt_logprobs is not None:
+                    res.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    done[out.request_id] = CompletionResult(
-                        request_id=out.request_id,
-                        prompt_token_ids=prompt_of[out.request_id],
-                        token_ids=tokens[out.request_id],
-                        text="".join(texts[out.request_id]),
-                        finish_reason=out.finish_reason,
-                        metrics=out.metrics,
-                    )
+                    res.text, res.finish_reason, res.metrics = "".join(texts[out.request_id]), out.finish_reason, out.metrics
+                    res.num_cached_tokens = out.num_cached_tokens
+                    done[out.request_id] = res
         return [done[rid] for rid in order]
 
     def chat(
@@ -78,3 +82,6 @@ class LLM:
 
     def stats(self):
         return self.engine.stats.snapshot()
+
+    def reset_prefix_cache(self) -> int:
+        return self.engine.reset_prefix_cache()

@@ -12,7 +12,9 @@ Attention paths: the SDPA gather path (`workers.attention`: CPU, and CUDA under
 `IDLM_ATTENTION=torch`) or the Triton kernel path (`workers.kernel_attention`: CUDA by default).
 On the kernel path a step's inputs are one packed int32 tensor (one host-to-device copy); the
 metadata is built from it on the device; decode steps replay CUDA graphs (`workers.cuda_graphs`)
-unless `enforce_eager`.
+unless `enforce_eager`. Requests that asked
+for prompt logprobs also get the hidden states of their prompt rows (`prompt_hidden`; the lm_head
+product over them is left to `workers.logprobs`, in bounded chunks); nothing else pays.
 
 Style rule (as vLLM's V2 runner): this file holds the common path only; feature code lives in the
 decoder or the model.
@@ -44,6 +46,8 @@ if TYPE_CHECKING:  # the scheduler pulls in numpy (workers.stride); the runner n
 class RunnerOutput:
     logits: torch.Tensor  # [R, V] float32, rows of final items in item order
     row_offsets: list[int]  # per item: first row in `logits` (-1 when the item is not final)
+    prompt_hidden: torch.Tensor | None = None  # [P, H] prompt rows of requests with prompt logprobs
+    prompt_spans: list[tuple[int, int, int]] | None = None  # (item index, first position, rows) per span
 
 
 class ModelRunner:
@@ -112,7 +116,7 @@ class ModelRunner:
         """Kernel path, packed inputs on the device -> (hidden [T, H], flat row of each request-order
         row or None). Host-sync free: this is what a CUDA graph captures."""
         meta, ids = KernelMetadata.build(inputs, shape, self.block_size)
-        lora_from = shape.num_clean if (self.use_lora_gate and shape.num_rows > shape.num_clean) else None
+        lora_from = shape.num_clean if self.use_lora_gate else None
         hidden = self.model(ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)
         return hidden, meta.q_index
 
@@ -124,7 +128,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows)).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=self.device)
-        return RunnerOutput(logits=logits, row_offsets=batch.logit_offsets)
+        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
+                                        q_index, batch)
 
     def _execute_sdpa(self, batch: StepBatch) -> RunnerOutput:
         dev = self.device
@@ -134,7 +139,9 @@ class ModelRunner:
             row_of = _row_of(q_lens, batch.c_real, batch.num_clean)
         meta = AttentionMetadata.build(q_lens, batch.ctx, batch.tables, self.block_size, dev, row_of=row_of)
         input_ids = torch.tensor(batch.ids, dtype=torch.long, device=dev)  # [T]
-        lora_from = batch.num_clean if (self.use_lora_gate and batch.num_rows > batch.num_clean) else None
+        # R-ISD: MASK rows are rows num_clean.. (possibly none this step; the LoRA layers then use the
+        # same packed weights as on MASK steps, so only one packed copy of each weight exists)
+        lora_from = batch.num_clean if self.use_lora_gate else None
         hidden = self.model(input_ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)  # [T, H]
         if batch.logit_rows:
             rows = torch.tensor(batch.logit_rows, dtype=torch.long)
@@ -143,7 +150,20 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
-        return RunnerOutput(logits=logits, row_offsets=batch.logit_offsets)
+        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
+                                        row_of, batch)
+
+    @staticmethod
+    def _with_prompt_hidden(out: RunnerOutput, hidden, row_of, batch: StepBatch) -> RunnerOutput:
+        """Adds the hidden states of the prompt rows whose logprobs were asked for (`row_of` maps
+        request-order rows to flat rows, None when they coincide)."""
+        if batch.prompt_rows:
+            rows = torch.tensor(batch.prompt_rows, dtype=torch.long, device=hidden.device)
+            if row_of is not None:
+                rows = row_of[rows]
+            out.prompt_hidden, out.prompt_spans = hidden.index_select(0, rows), batch.prompt_spans
+        return out
+
 
     @torch.inference_mode()
     def time_rows(self, rows: int) -> float:

@@ -1,7 +1,8 @@
 """Typed hand-off objects between the engine and its callers (offline API, cluster replicas).
 
 Owns: `RequestOutput` (one delta of one request, plain ints/strs so it crosses process
-boundaries as-is) and `RequestMetrics` (per-request ISD and latency figures at finish).
+boundaries as-is) and `RequestMetrics` (per-request ISD and latency figures at finish). Logprob
+entries are `workers.logprobs.TokenLogprob` (a named tuple of floats and ints).
 """
 
 from __future__ import annotations
@@ -54,8 +55,14 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     """Cumulative count of output tokens so far."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (usage.prompt_tokens_details.cached_tokens)."""
     metrics: RequestMetrics | None = None
     """Set on the final delta."""
+    logprobs: list | None = None
+    """One `TokenLogprob` per token of `new_token_ids` when the request asked for logprobs."""
+    prompt_logprobs: list | None = None
+    """On the first delta of a request that asked for them: one entry per prompt token (None first)."""
 
 
 @dataclass
@@ -68,3 +75,11 @@ class CompletionResult:
     text: str
     finish_reason: FinishReason | None
     metrics: RequestMetrics
+    logprobs: list | None = None
+    """One `TokenLogprob` per token of `token_ids` (requests with `logprobs`)."""
+    prompt_logprobs: list | None = None
+    """One entry per prompt token, None first (requests with `prompt_logprobs`)."""
+    index: int = 0
+    """Which of the prompt's `n` samples this is."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache."""

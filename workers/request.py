@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from workers.block_hash import chain_from
 from workers.outputs import FinishReason, RequestMetrics
 from workers.sampling_params import SamplingParams
 
@@ -43,6 +44,11 @@ class Request:
     """Stride chosen for the request's next decode round (0: not chosen yet; see workers.stride)."""
     accept_state: list | None = None
     """Running acceptance counts per draft position (`AcceptanceEstimator.new_state()`)."""
+    penalty_state: object | None = None
+    """Output-token counts of a request with penalties (`workers.logits_processors.PenaltyState`)."""
+    prompt_logprobs: list | None = None
+    """Prompt logprobs gathered so far when requested: entry p is that of prompt token p + 1."""
+    prompt_logprobs_sent: bool = False
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
@@ -52,6 +58,15 @@ class Request:
     detok_state: object | None = None
     metrics: RequestMetrics = None  # type: ignore[assignment]
     last_emit_time: float | None = None
+    # prefix cache (owned by workers.scheduler; see workers.block_manager)
+    hash_root: bytes = b""
+    """Digest the request's block-hash chain starts from (model, adapter, block size, cache_salt)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Digests of the first full blocks of `all_token_ids`, extended as needed (committed tokens only)."""
+    num_registered_blocks: int = 0
+    """Leading blocks of `block_table` named in the prefix cache (hits plus blocks registered after a step)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served from the prefix cache at first admission (usage `cached_tokens`)."""
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -79,6 +94,13 @@ class Request:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt rows still need logits (prompt logprobs requested and not all gathered): such a
+        request must compute its whole prompt (no prefix-cache hit may skip rows)."""
+        n = self.params.prompt_logprobs
+        return n is not None and len(self.prompt_logprobs or ()) < self.num_prompt_tokens - 1
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
@@ -89,6 +111,14 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def hashes_upto(self, num_blocks: int, block_size: int) -> list[bytes]:
+        """`block_hashes` holding at least the first `num_blocks` full blocks' digests."""
+        have = len(self.block_hashes)
+        if have < num_blocks:
+            parent = self.block_hashes[-1] if have else self.hash_root
+            self.block_hashes += chain_from(parent, self.token_slice(have * block_size, num_blocks * block_size), block_size)
+        return self.block_hashes
 
     def clear_drafts(self) -> None:
         self.drafts = []

@@ -16,6 +16,15 @@ When the KV cache cannot hold a running request's next block, the most recently 
 request is preempted: its blocks are freed and it goes back to the front of the waiting queue with
 its committed output intact; on readmission its prompt + output are recomputed (prefill), so it
 continues exactly where it stopped. No request is lost or corrupted.
+
+Prefix cache (`enable_prefix_caching`; workers.block_manager): an admitted request starts with the
+longest cached run of full blocks of its tokens, short of its last token (which must be fed: it is
+the ISD `pending` row whose logits start decoding), and computes only past them. After each step
+its newly full blocks of committed, computed tokens are registered; MASK rows and rejected drafts
+lie past `num_computed` and are never registered. A waiting request whose next uncached block is
+being prefilled right now by a running request waits a step (SGLang's in-batch prefix sharing), so
+requests arriving together (n samples, a burst on one system prompt) compute the prefix once.
+Re-admissions after preemption are counted apart (`preempted_*`), as vLLM does.
 """
 
 from __future__ import annotations
@@ -47,9 +56,21 @@ class ScheduledItem:
 
 
 @dataclass
+class PrefixCacheCounts:
+    """Prefix-cache lookups of the requests admitted in one step, in tokens (vLLM semantics)."""
+
+    queries: int = 0
+    hits: int = 0
+    preempted_queries: int = 0
+    """Lookups of re-admitted (preempted) requests, kept apart so they do not inflate the hit rate."""
+    preempted_hits: int = 0
+
+
+@dataclass
 class SchedulerOutput:
     items: list[ScheduledItem] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    cache: PrefixCacheCounts = field(default_factory=PrefixCacheCounts)
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +90,8 @@ class Scheduler:
         """Stride of requests entering decode this step (chosen with the engine-wide acceptance)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.caching = config.enable_prefix_caching
+        self.block_size = block_manager.block_size
 
     # -- queue management -------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -76,11 +99,13 @@ class Scheduler:
         self.waiting.append(req)
 
     def remove(self, req: Request) -> None:
-        """Drops a request from either queue and frees its KV (finish or abort)."""
+        """Drops a request from either queue and frees its KV (finish or abort); its full computed
+        blocks stay in the prefix cache."""
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        self.register_computed(req)
         self.blocks.free(req.block_table)
         req.status = RequestStatus.FINISHED
 
@@ -131,7 +156,8 @@ class Scheduler:
 
     def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
         self.running.remove(victim)
-        self.blocks.free(victim.block_table)
+        self.blocks.free(victim.block_table)  # its cached blocks stay cached: re-admission re-hits
+        victim.num_registered_blocks = 0
         victim.num_computed = 0
         victim.clear_drafts()
         victim.status = RequestStatus.WAITING
@@ -164,21 +190,83 @@ class Scheduler:
             budget -= item.num_rows
             i += 1
         # Admit waiting requests (new prompts and preempted ones) into what is left.
+        inflight = self._inflight() if self.caching and self.waiting else set()
+        deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            hits = self._cache_hits(req)
+            if self._next_block_inflight(req, len(hits), inflight):
+                deferred.append(self.waiting.popleft())
+                continue
+            req.num_computed = len(hits) * self.block_size
             item = self._plan(req, budget)
-            if item is None:
+            need_tokens = req.num_computed + (item.num_rows if item else 0)
+            if item is None or not self.blocks.can_admit(hits, need_tokens):
+                req.num_computed = 0
                 break
-            need_tokens = req.num_computed + item.num_rows
-            if not self.blocks.can_grow(req.block_table, need_tokens):
-                break
+            self.blocks.acquire(req.block_table, hits)
             self.blocks.grow(req.block_table, need_tokens)
+            req.num_registered_blocks = len(hits)
+            self._count_lookup(req, req.num_computed, out)
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.items.append(item)
             budget -= item.num_rows
+            if self.caching:
+                inflight.update(self._computing(req))
+        self.waiting.extendleft(reversed(deferred))
         return out
+
+    # -- prefix cache ------------------------------------------------------------------------
+    def _cache_hits(self, req: Request) -> list[int]:
+        """Cached blocks for a waiting request: full blocks short of its last token. A request
+        whose prompt logprobs are still to gather computes its whole prompt (as vLLM skips the
+        cache for them): a hit would skip the rows that produce them."""
+        if not self.caching or req.needs_prompt_logits:
+            return []
+        n = (req.num_tokens - 1) // self.block_size
+        return self.blocks.lookup(req.hashes_upto(n, self.block_size), n)
+
+    def _computing(self, req: Request) -> list[bytes]:
+        """Digests of the full blocks a running request is still to compute and register."""
+        n = req.num_tokens // self.block_size
+        return req.hashes_upto(n, self.block_size)[req.num_registered_blocks : n]
+
+    def _inflight(self) -> set[bytes]:
+        return {h for r in self.running if r.num_tokens - r.num_computed > 1 for h in self._computing(r)}
+
+    def _next_block_inflight(self, req: Request, num_hits: int, inflight: set[bytes]) -> bool:
+        if not inflight:
+            return False
+        n = (req.num_tokens - 1) // self.block_size
+        return num_hits < n and req.block_hashes[num_hits] in inflight
+
+    def _count_lookup(self, req: Request, hit_tokens: int, out: SchedulerOutput) -> None:
+        if not self.caching:
+            return
+        c = out.cache
+        if req.metrics.num_preemptions:
+            c.preempted_queries += req.num_tokens
+            c.preempted_hits += hit_tokens
+        else:
+            c.queries += req.num_tokens
+            c.hits += hit_tokens
+            req.num_cached_tokens = hit_tokens
+
+    def register_computed(self, req: Request) -> None:
+        """Names the request's full blocks of committed, computed tokens in the prefix cache."""
+        if not self.caching:
+            return
+        # num_computed can pass num_tokens only when a stop cut an accepted block short.
+        n = min(req.num_computed, req.num_tokens) // self.block_size
+        if n > req.num_registered_blocks:
+            self.blocks.register(req.block_table, req.hashes_upto(n, self.block_size), req.num_registered_blocks, n)
+            req.num_registered_blocks = n
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt (and recompute) tokens not yet computed, waiting and running (a TTFT backlog)."""
+        return sum(r.num_tokens - r.num_computed - 1 for r in (*self.waiting, *self.running))
 
     def commit(self, item: ScheduledItem, num_accepted: int) -> None:
         """After the forward: KV of the real rows (and of accepted drafts) is kept, MASK rows and
@@ -187,3 +275,6 @@ class Scheduler:
         req.num_computed += item.num_real + (num_accepted if item.final else 0)
         # Keep blocks for the valid KV plus the pending token's slot.
         self.blocks.trim(req.block_table, req.num_computed + 1)
+        # Accepted drafts join the output only after this (engine._apply): their blocks are
+        # registered at the next commit, or at `remove` when the request ends.
+        self.register_computed(req)

@@ -6,6 +6,7 @@ observations (latencies, per-request TPF, step durations) that exporters drain i
 Derived figures (also the PromQL of the dashboards):
   TPF        = generation_tokens / decode_forwards
   acceptance = accepted_tokens / draft_tokens
+  prefix-cache hit rate = prefix_cache_hits / prefix_cache_queries
 """
 
 from __future__ import annotations
@@ -46,10 +47,22 @@ class EngineStats:
     requests: dict[str, int] = field(default_factory=lambda: {k: 0 for k in FINISH_REASONS})
     preemptions: int = 0
     steps: int = 0
+    # prefix cache, in tokens (vLLM semantics): lookups at first admission; re-admissions after
+    # preemption apart, so they do not inflate the hit rate
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_preempted_queries: int = 0
+    prefix_cache_preempted_hits: int = 0
+    prefix_cache_evictions: int = 0
+    """Cached blocks dropped to reuse their space (blocks, cumulative)."""
     # gauges
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
+    kv_cache_cached_blocks: int = 0
+    """Blocks holding a cached prefix (referenced or free and evictable)."""
+    queued_prefill_tokens: int = 0
+    """Prompt tokens admitted but not yet computed (waiting and running): the TTFT backlog."""
     step_time_predicted: float = 0.0
     """Adaptive stride: moving average of the cost model's step-time predictions (seconds) over
     decode-like steps (0 without adaptive stride)."""
@@ -63,6 +76,17 @@ class EngineStats:
     @property
     def acceptance_rate(self) -> float:
         return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    def add_prefix_cache(self, c) -> None:
+        """Adds one step's `workers.scheduler.PrefixCacheCounts`."""
+        self.prefix_cache_queries += c.queries
+        self.prefix_cache_hits += c.hits
+        self.prefix_cache_preempted_queries += c.preempted_queries
+        self.prefix_cache_preempted_hits += c.preempted_hits
 
 
 class StatsCollector:

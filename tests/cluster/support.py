@@ -8,6 +8,9 @@ metrics endpoint, and a real Prometheus server scraping it (`PrometheusServer`, 
     prom = PrometheusServer([rs.metrics_target]).start()
     prom.query('sum(rate(ray_idlm_generation_tokens_total[1m]))')
     prom.stop(); rs.stop()
+
+`MODEL` / `SHARED_ARGS` are the app that tests/cluster/conftest.py serves to every e2e test of this
+package (one Ray cluster for all of them).
 """
 
 from __future__ import annotations
@@ -23,6 +26,16 @@ import time
 from collections import defaultdict
 
 import requests
+
+MODEL = "smollm2"
+SHARED_ARGS = {
+    "model": MODEL,
+    "mode": "risd",  # base SmolLM2 + the demo gated-LoRA adapter (workers/adapters/smollm2-risd)
+    "stride": 4,
+    "max_num_seqs": 32, "max_num_batched_tokens": 1024, "kv_cache_tokens": 8192, "max_model_len": 2048,
+    "replica": {"num_replicas": 2, "max_ongoing_requests": 64, "max_queued_requests": 128,
+                "ray_actor_options": {"num_cpus": 1}},
+}
 
 
 def free_port() -> int:
@@ -95,6 +108,20 @@ def metric_sum(metrics: dict, name: str, app_model: str | None = None, **match) 
         if all(labels.get(k) == str(val) for k, val in match.items()):
             total += v
     return total
+
+
+def replica_stats(app_name: str, replicas: int = 2, tries: int = 60) -> dict[str, dict]:
+    """`EngineReplica.stats()` of each replica of an app, by replica id (calls until all answered)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("EngineReplica", app_name=app_name)
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        st = handle.stats.remote().result()
+        seen[st["replica"]] = st
+        if len(seen) == replicas:
+            break
+    return seen
 
 
 def wait_for(pred, timeout: float = 60.0, interval: float = 0.5):

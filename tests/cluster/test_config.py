@@ -67,6 +67,12 @@ def test_engine_config_fields():
     ({"replica": {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}}}, "replica.autoscaling_config"),
     ({"replica": {"autoscaling_config": {"target_ongoing_requests": 0}}}, "replica.autoscaling_config.target_ongoing_requests"),
     ({"ingress": {"max_ongoing": 3}}, "ingress.max_ongoing"),
+    ({"router": {"policy": "random"}}, "router.policy"),
+    ({"router": {"imbalance_rel": 0.5}}, "router.imbalance_rel"),
+    ({"router": {"kv_usage_limit": 0}}, "router.kv_usage_limit"),
+    ({"router": {"cold_policy": "hash"}}, "router.cold_policy"),
+    ({"router": {"weights": 1}}, "router.weights"),
+    ({"enable_prefix_caching": "maybe"}, "enable_prefix_caching"),
 ])
 def test_bad_config_names_field(args, field):
     with pytest.raises(ValidationError) as ei:
@@ -92,6 +98,28 @@ def test_build_app_options():
     assert (ingress.name, replica.name) == ("OpenAIIngress", "EngineReplica")
     assert replica.num_replicas == 3 and replica.max_ongoing_requests == 5
     assert replica.max_queued_requests == 7 and replica.ray_actor_options["num_cpus"] == 0.5
+
+
+def test_router_and_prefix_cache_options():
+    """`router.policy: prefix` gives the replica deployment our RequestRouter (kwargs carry the
+    policy's settings and the metric labels); `pow2` leaves Serve's default; the prefix cache
+    switch reaches the engine."""
+    from cluster.app import build_app
+    from cluster.config import RouterOptions
+
+    def replica_of(args):
+        return build_app(args)._bound_deployment.init_args[1]._bound_deployment
+
+    rrc = replica_of({"mode": "ar", "router": {"imbalance_abs": 3, "stats_period_s": 2}})._deployment_config.request_router_config
+    assert rrc.request_router_class == "cluster.router:IdlmPrefixRouter"
+    assert rrc.request_routing_stats_period_s == 2
+    kw = rrc.request_router_kwargs
+    assert kw["imbalance_abs"] == 3 and (kw["model"], kw["mode"], kw["stride"]) == ("smollm2", "ar", 1)
+    assert RouterOptions.from_router_kwargs(kw).imbalance_abs == 3  # what initialize_state receives
+    rrc = replica_of({"router": {"policy": "pow2"}})._deployment_config.request_router_config
+    assert rrc.is_default_request_router()
+    assert AppConfig().to_engine_config().enable_prefix_caching is True
+    assert AppConfig(enable_prefix_caching=False).to_engine_config().enable_prefix_caching is False
 
 
 def test_api_key_from_environment_when_unset():

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Labels each family carries. Engine: cluster.metric_names.LABELS + per-metric extras (see
 # cluster/metrics.py); Ray Serve: the tag_keys in Ray's source (+ Ray's default tags).
-ENGINE_EXTRA = {"idlm_accepted_tokens_per_pos": {"position"}, "idlm_rounds": {"kind"}, "idlm_requests": {"finish_reason"}}
+ENGINE_EXTRA = {"idlm_accepted_tokens_per_pos": {"position"}, "idlm_rounds": {"kind"}, "idlm_requests": {"finish_reason"},
+                "idlm_router_decisions": {"outcome"}}
 SERVE_LABELS = {
     "serve_num_http_requests": {"route", "method", "application", "status_code"},
     "serve_num_http_error_requests": {"route", "error_code", "method", "application"},
@@ -362,14 +363,15 @@ def test_push_bad_token_fails_loudly():
 @pytest.mark.slow
 def test_every_panel_returns_data_from_a_real_prometheus():
     """Ray + the app (SmolLM2, ISD N=4, 1 replica) + a real Prometheus scraping Ray's metrics port
-    every second; traffic (greedy chat, a stream, a 400 and a 404); then every panel query, with the
+    every second; traffic (greedy chat, a stream, a long prompt that evicts, a 400 and a 404); then every panel query, with the
     Grafana variables set to match-all, must return at least one finite sample."""
     import requests
 
     from tests.cluster.support import PrometheusServer, RayServe, wait_for
 
+    # a small KV cache (128 blocks): the distinct long prompt of each traffic round evicts cached blocks
     args = {"model": "smollm2", "mode": "isd", "stride": 4, "max_num_seqs": 16, "max_num_batched_tokens": 512,
-            "kv_cache_tokens": 16384, "max_model_len": 2048,
+            "kv_cache_tokens": 2048, "max_model_len": 2048,
             "replica": {"num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 32,
                         "ray_actor_options": {"num_cpus": 1}}}
     rs = RayServe(num_cpus=4).start()
@@ -380,7 +382,13 @@ def test_every_panel_returns_data_from_a_real_prometheus():
         prompts = ["Count from 1 to 30, separated by spaces.", "Repeat the word 'yes' twenty times.",
                    "What is the capital of France?", "List the days of the week.", "Name three colors."]
 
+        rounds = iter(range(10**6))
+
         def traffic():
+            n = next(rounds)
+            long = " ".join(f"item{n}-{j}" for j in range(300))
+            r = requests.post(f"{base}/v1/completions", json={"model": "smollm2", "prompt": long, "max_tokens": 2}, timeout=300)
+            assert r.status_code == 200, r.text
             for i, q in enumerate(prompts * 2):
                 body = {"model": "smollm2", "messages": [{"role": "user", "content": q}],
                         "max_tokens": 32 if i % 3 else 6, "temperature": 0, "stream": i == 3}

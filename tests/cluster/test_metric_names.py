@@ -7,8 +7,12 @@ DESIGN_COUNTERS = [
     "idlm_draft_tokens_total", "idlm_accepted_tokens_total", "idlm_accepted_tokens_per_pos_total",
     "idlm_rounds_total", "idlm_requests_total",
     "idlm_rounds_by_stride_total",  # DESIGN §3 "added with the features that need them": adaptive stride
+    # prefix caching and the prefix router
+    "idlm_prefix_cache_queries_total", "idlm_prefix_cache_hits_total", "idlm_prefix_cache_evictions_total",
+    "idlm_router_decisions_total",
 ]
 DESIGN_GAUGES = ["idlm_num_requests_running", "idlm_num_requests_waiting", "idlm_kv_cache_usage_ratio",
+                 "idlm_kv_cache_cached_blocks",  # prefix caching
                  # the adaptive stride's cost model, predicted vs measured (docs/benchmarks.md)
                  "idlm_step_time_predicted_seconds", "idlm_step_time_measured_seconds"]
 DESIGN_HISTOGRAMS = [

@@ -225,6 +225,15 @@ def test_default_render_shape(chart):
     assert wg["rayStartParams"]["metrics-export-port"] == "8080"
 
 
+def test_router_and_prefix_cache_values_reach_the_app(chart):
+    args = app_args(render(chart))
+    assert args["router"]["policy"] == "prefix" and args["enable_prefix_caching"] is True
+    args = app_args(render(chart, {"app": {"enable_prefix_caching": False,
+                                           "router": {"policy": "pow2", "imbalance_abs": 2}}}))
+    cfg = AppConfig.model_validate(args)
+    assert (cfg.router.policy, cfg.router.imbalance_abs, cfg.enable_prefix_caching) == ("pow2", 2, False)
+
+
 def test_fixed_replicas_turn_off_ray_autoscaler(chart):
     docs = render(chart, FIXED_REPLICAS)
     (rs,) = by_kind(docs, "RayService")
@@ -322,6 +331,9 @@ def test_bad_app_value_refused_by_values_schema(chart):
     with pytest.raises(helm.HelmError) as e:
         chart.render({"app": {"strid": 4}}, name="idlm", namespace="llm")  # misspelt field
     assert "strid" in str(e.value)
+    with pytest.raises(helm.HelmError) as e:
+        chart.render({"app": {"router": {"policy": "random"}}}, name="idlm", namespace="llm")
+    assert "policy" in str(e.value)
 
 
 def test_bad_app_value_that_only_appconfig_catches(chart):

@@ -358,6 +358,12 @@ def test_train_cli_warm_start_and_kv_cache_cap(tmp_path):
     with pytest.raises(ValueError, match="init-adapter: rank 4"):
         train_main(common + ["--rank", "8", "--steps", "1", "--init-adapter", str(tmp_path / "r1" / "adapter"),
                           "--out", str(tmp_path / "r3")])
+    # pooled data directories, a bf16 base with fp32 LoRA, weight decay and LoRA dropout
+    train_main(common[:2] + ["--data", str(data), str(data)] + common[4:]
+               + ["--steps", "2", "--base-dtype", "bfloat16", "--weight-decay", "0.01", "--lora-dropout", "0.1",
+                  "--out", str(tmp_path / "r4")])
+    c = load_file(str(tmp_path / "r4" / "adapter" / "adapter_model.safetensors"))
+    assert c.keys() == a.keys() and all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in c.values())
 
 
 @pytest.mark.parametrize("extra", [["--distill", "1.5"], ["--distill", "-0.1"], ["--objective", "idlm", "--distill", "0.5"]])

@@ -120,8 +120,6 @@ class LoRALinear(nn.Linear):
         if not self.has_lora or lora_rows is None:
             return self._base(x)
         if isinstance(lora_rows, slice):
-            if lora_rows.indices(x.shape[0])[0] >= x.shape[0]:
-                return self._base(x)  # no MASK rows this step
             if torch.is_inference_mode_enabled():
                 return self._forward_tail_rows(x, lora_rows)
             lora_rows = torch.arange(x.shape[0], device=x.device)[lora_rows]
@@ -139,16 +137,21 @@ class LoRALinear(nn.Linear):
         """The engine's path: the MASK rows are one slice of the flat batch."""
         a, b = self._fused_lora()
         merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 else None
+        empty = rows.indices(x.shape[0])[0] >= x.shape[0]  # no MASK rows this step
+        if empty and merged is None:
+            return self._base(x)
         if merged is not None:
             # One oneDNN GEMM against [W; A]: the base output and every row's x @ A^T (the clean
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
             # `out` columns are bit-identical to the product with W alone (each output column is
             # its own dot product); tests/workers/test_lean_forward.py checks this.
             full = torch.ops.mkldnn._linear_pointwise(x.contiguous(), merged, self.bias_with_lora_a(), "none", [], "")
+            # (An engine serving only R-ISD thus keeps one packed copy per weight: this one.)
             y, xa = full[:, : self.out_features], full[rows, self.out_features :]
         else:
             y, xa = self._base(x), F.linear(x[rows], a)
-        y[rows].addmm_(xa, b.t())  # one add into the MASK rows only
+        if not empty:
+            y[rows].addmm_(xa, b.t())  # one add into the MASK rows only
         return y
 
     def bias_with_lora_a(self) -> torch.Tensor | None:
