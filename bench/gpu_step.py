@@ -1,25 +1,29 @@
 """GPU step time of our engine's forward: AR (1 query row per request) vs ISD N (2N-1 rows per
-request: pending + N-1 drafts + N-1 MASKs), I-DLM-8B shapes, random bf16 weights.
+request: pending + N-1 drafts + N-1 MASKs), I-DLM-8B shapes, random bf16 weights, on three paths:
+CUDA graphs (the engine's default on CUDA), the same kernel path eager (`enforce_eager`), and the
+former SDPA gather path (`IDLM_ATTENTION=torch`) as the baseline.
 
     python bench/gpu_step.py                       # CUDA: I-DLM-8B shape, concurrency 1..64
     python bench/gpu_step.py --tiny --device cpu   # same code path, tiny model (a smoke run)
     python bench/gpu_step.py --lora-rank 32        # R-ISD: gated LoRA on the MASK rows
 
 A step is one call of the engine's own `workers.model_runner.ModelRunner.execute` on a
-`SchedulerOutput` of decode items, so it includes everything the engine pays per step: building the
-host-side row lists and `AttentionMetadata` over the paged block tables, `CausalLM.forward` against
+`SchedulerOutput` of decode items, so it includes everything the engine pays per step: the host-side
+row lists and the packed step tensor, the device-side attention metadata, `CausalLM.forward` against
 the paged KV cache (every request has `--ctx` tokens already cached), and the fp32 logits at the
-rows that need them (pending in AR; pending + drafts + MASKs in ISD). The `meta ms` column is the
-host-side `AttentionMetadata.build` alone (part of every step). Weights are random on the device
-(bf16 on CUDA, fp32 on CPU); nothing is downloaded. The engine has no CUDA graphs, so none are used.
+rows that need them (pending in AR; pending + drafts + MASKs in ISD). The `host ms` column is the
+host-side input preparation alone (`build_step_batch` + `pack_step`, part of every step). Weights
+are random on the device (bf16 on CUDA, fp32 on CPU); nothing is downloaded. Graph captures happen
+in the warm-up steps (one graph per concurrency and row shape).
 
-Reports min / median step time per concurrency, the ISD/AR ratio (target: <= 1.5 at concurrency
-32), and for AR at concurrency 1 the fraction of the HBM roofline: bytes that must be read per step
-(every weight but the embedding table, of which only T rows are gathered, + the cached K/V)
-/ step time, against the device's peak bandwidth (H100 3.35 TB/s, H200 4.8 TB/s; target >= 70%).
-Without CUDA (and without --tiny) it prints "not measured: no GPU" and writes {"measured": false}.
-Writes bench/results/gpu_step.json (--tiny: gpu_step_tiny.json) + .png when matplotlib is
-installed. Never part of the tests.
+Reports min / median step time per concurrency and path, the ISD/AR ratio on the default path
+(target: <= 1.5 at concurrency 32), the agreement of each path's ISD logits with the graph path's
+(max |diff|, argmax agreement), and for AR at concurrency 1 the fraction of the HBM roofline: bytes
+that must be read per step (every weight but the embedding table, of which only T rows are
+gathered, + the cached K/V) / step time, against the device's peak bandwidth (H100 3.35 TB/s,
+H200 4.8 TB/s; target >= 70%). Without CUDA (and without --tiny) it prints "not measured: no GPU"
+and writes {"measured": false}. Writes bench/results/gpu_step.json (--tiny: gpu_step_tiny.json) +
+.png when matplotlib is installed. Never part of the tests.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from workers.attention import AttentionMetadata  # noqa: E402
+from workers.batch_layout import build_step_batch  # noqa: E402
+from workers.kernel_attention import pack_step  # noqa: E402
 from workers.model_runner import ModelRunner  # noqa: E402
 from workers.models.config import ModelConfig  # noqa: E402
 from workers.models.transformer import CausalLM, Rotary  # noqa: E402
@@ -96,7 +101,7 @@ class StepBench:
         self.cfg, self.ctx = cfg, ctx
         per_req = -(-(ctx + max_q) // BLOCK)
         self.runner = ModelRunner(model, cfg, per_req * max_conc, BLOCK, cfg.mask_token_id,
-                                  use_lora_gate=lora, device=device, dtype=dtype)
+                                  use_lora_gate=lora, device=device, dtype=dtype, max_num_seqs=max_conc)
         g = torch.Generator().manual_seed(0)
         self.reqs = []
         for i in range(max_conc):
@@ -131,12 +136,49 @@ class StepBench:
         s = self.sched(conc, n_side, n_side)
         return self.time(lambda: self.runner.execute(s), cuda, warmup, repeats)
 
-    def time_meta(self, conc: int, q_len: int, cuda: bool, warmup: int, repeats: int) -> list[float]:
-        reqs = self.reqs[:conc]
-        dev = self.runner.device
-        return self.time(lambda: AttentionMetadata.build([q_len] * conc, [self.ctx] * conc,
-                                                         [r.block_table for r in reqs], BLOCK, dev),
-                         cuda, warmup, repeats)
+    def time_host(self, conc: int, n_side: int, cuda: bool, warmup: int, repeats: int) -> list[float]:
+        """Host-side input preparation of a step: the row lists and the packed step tensor."""
+        s = self.sched(conc, n_side, n_side)
+        width = max(len(r.block_table) for r in self.reqs[:conc])
+        mask = self.cfg.mask_token_id
+        return self.time(lambda: pack_step(build_step_batch(s.items, mask), width), False, warmup, repeats)
+
+    def set_path(self, path: str) -> None:
+        """graph | eager (kernel path) | gather (SDPA gather path) | default (the runner's own)."""
+        r = self.runner
+        if not hasattr(self, "_graphs"):
+            self._graphs, self._kernel = r.graphs, r.kernel_path
+        r.kernel_path = self._kernel if path in ("graph", "eager", "default") else False
+        r.graphs = self._graphs if path in ("graph", "default") else None
+
+    def logits(self, conc: int, n_side: int) -> torch.Tensor:
+        return self.runner.execute(self.sched(conc, n_side, n_side)).logits
+
+
+def measure(bench: StepBench, c: int, paths: list[str], n_side: int, cuda: bool, warmup: int, repeats: int) -> dict:
+    """One concurrency on every path; the top-level figures are the first path's."""
+    row: dict = {"conc": c, "paths": {}}
+    first = None
+    for path in paths:
+        bench.set_path(path)
+        ar = bench.time_step(c, 0, cuda, warmup, repeats)
+        isd = bench.time_step(c, n_side, cuda, warmup, repeats)
+        lg = bench.logits(c, n_side)
+        first = lg if first is None else first
+        r = {"ar_ms_min": min(ar), "ar_ms_median": statistics.median(ar), "isd_ms_min": min(isd),
+             "isd_ms_median": statistics.median(isd), "isd_over_ar_median": statistics.median(isd) / statistics.median(ar),
+             "isd_over_ar_min": min(isd) / min(ar), "ar_ms": ar, "isd_ms": isd,
+             "isd_logits_max_abs_diff_vs_first": float((lg - first).abs().max()),
+             "isd_argmax_agreement_vs_first": float((lg.argmax(-1) == first.argmax(-1)).float().mean())}
+        row["paths"][path] = r
+        if path == paths[0]:
+            row.update({k: v for k, v in r.items() if not k.endswith("_vs_first")})
+            row["host_ms_median_isd"] = statistics.median(bench.time_host(c, n_side, cuda, warmup, repeats))
+        print(f"{c:>5} {path:>7} {r['ar_ms_min']:>8.2f}/{r['ar_ms_median']:<8.2f} {r['isd_ms_min']:>8.2f}/"
+              f"{r['isd_ms_median']:<8.2f} {r['isd_over_ar_median']:>7.2f} {row['host_ms_median_isd']:>8.3f} "
+              f"{r['isd_logits_max_abs_diff_vs_first']:>16.3g}", flush=True)
+    bench.set_path(paths[0])
+    return row
 
 
 def bytes_per_step(cfg: ModelConfig, model: CausalLM, conc: int, ctx: int, q_len: int, kv_elem: int) -> int:
@@ -164,6 +206,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lora-rank", type=int, default=0, help="R-ISD: gated LoRA of this rank on the MASK rows")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--no-baselines", action="store_true", help="CUDA: time the graph path only (no eager, no gather)")
     ap.add_argument("--peak-gbps", type=float, default=0.0, help="override the device's peak HBM bandwidth (GB/s)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_step[_tiny].json)")
     a = ap.parse_args(argv)
@@ -199,22 +242,13 @@ def main(argv=None) -> None:
     print(f"device {name}, model {label} {str(dtype).replace('torch.', '')}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, ctx {a.ctx}, {mode} N={a.stride} "
           f"({isd_q} rows/request), block {BLOCK}, {a.warmup} warmup + {a.repeats} repeats")
-    print(f"{'conc':>5} {'AR ms min/med':>17} {'ISD ms min/med':>17} {'ISD/AR':>7} {'meta ms ISD':>12}")
-    rows = []
-    for c in concs:
-        ar = bench.time_step(c, 0, cuda, a.warmup, a.repeats)
-        isd = bench.time_step(c, n_side, cuda, a.warmup, a.repeats)
-        meta = bench.time_meta(c, isd_q, cuda, a.warmup, a.repeats)
-        row = {"conc": c, "ar_ms_min": min(ar), "ar_ms_median": statistics.median(ar),
-               "isd_ms_min": min(isd), "isd_ms_median": statistics.median(isd),
-               "isd_over_ar_median": statistics.median(isd) / statistics.median(ar),
-               "isd_over_ar_min": min(isd) / min(ar),
-               "meta_build_ms_median_isd": statistics.median(meta),
-               "ar_ms": ar, "isd_ms": isd}
-        rows.append(row)
-        print(f"{c:>5} {row['ar_ms_min']:>8.2f}/{row['ar_ms_median']:<8.2f} {row['isd_ms_min']:>8.2f}/"
-              f"{row['isd_ms_median']:<8.2f} {row['isd_over_ar_median']:>7.2f} {row['meta_build_ms_median_isd']:>12.2f}",
-              flush=True)
+    paths = ["graph", "eager", "gather"] if cuda and not a.no_baselines else ["default"]
+    if cuda and bench.runner.graphs is None:
+        raise SystemExit("gpu_step: the runner has no CUDA graphs (IDLM_ATTENTION=torch?); unset it")
+    print(f"paths: {', '.join(paths)} (the first is the default and is what the ratios use)")
+    print(f"{'conc':>5} {'path':>7} {'AR ms min/med':>17} {'ISD ms min/med':>17} {'ISD/AR':>7} {'host ms':>8} "
+          f"{'max|d| vs first':>16}")
+    rows = [measure(bench, c, paths, n_side, cuda, a.warmup, a.repeats) for c in concs]
     c1 = next((r for r in rows if r["conc"] == 1), rows[0])
     nbytes = bytes_per_step(cfg, model, c1["conc"], a.ctx, 1, bench.runner.kv_caches[0][0].element_size())
     achieved = nbytes / (c1["ar_ms_min"] / 1e3) / 1e9
@@ -241,7 +275,7 @@ def main(argv=None) -> None:
                                                     "tie_word_embeddings")},
            "dtype": str(dtype), "ctx": a.ctx, "stride": a.stride, "isd_rows_per_request": isd_q,
            "lora_rank": a.lora_rank, "block_size": BLOCK, "warmup": a.warmup, "repeats": a.repeats,
-           "cuda_graphs": False, "rows": rows, "roofline_ar_c1": roof, "isd_over_ar_c32": target32,
+           "paths": paths, "cuda_graphs": paths[0] == "graph", "rows": rows, "roofline_ar_c1": roof, "isd_over_ar_c32": target32,
            "torch": torch.__version__, "command": " ".join(["python", "bench/gpu_step.py", *(argv or sys.argv[1:])])}
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out}")
@@ -254,8 +288,9 @@ def main(argv=None) -> None:
         print("matplotlib missing: no plot (pip install -e '.[bench]')")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(concs, [r["ar_ms_median"] for r in rows], "o-", label="AR (1 row/request)")
-    ax.plot(concs, [r["isd_ms_median"] for r in rows], "o-", label=f"{mode} N={a.stride} ({isd_q} rows/request)")
+    for path in paths:
+        ax.plot(concs, [r["paths"][path]["ar_ms_median"] for r in rows], "o-", label=f"AR, {path}")
+        ax.plot(concs, [r["paths"][path]["isd_ms_median"] for r in rows], "s--", label=f"{mode} N={a.stride}, {path}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrency")
     ax.set_ylabel("step time, median (ms)")

@@ -11,6 +11,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     stride: 4                 # the most tokens per forward
     adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
     enable_prefix_caching: true  # reuse KV of shared prefixes (system prompts, earlier turns)
+    enforce_eager: false      # CUDA: no CUDA graphs for decode steps
     max_num_seqs: 32          # engine limits (workers.EngineConfig)
     logprobs_mode: raw_logprobs   # or processed_logprobs (after penalties, temperature, top-k/p)
     replica:
@@ -186,6 +187,7 @@ class AppConfig(_Strict):
     mask_token_id: int | None = Field(None, ge=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
+    enforce_eager: bool = False
     seed: int = 0
     # engine limits
     max_num_seqs: int = Field(64, ge=1)
@@ -231,6 +233,7 @@ class AppConfig(_Strict):
             mask_token_id=self.mask_token_id,
             dtype=self.dtype,
             device=self.device,
+            enforce_eager=self.enforce_eager,
             kv_block_size=self.kv_block_size,
             kv_cache_tokens=self.kv_cache_tokens,
             max_num_seqs=self.max_num_seqs,

@@ -1,4 +1,6 @@
-"""Causal attention of a ragged flat batch against each request's paged KV cache (CPU/torch path).
+"""Causal attention of a ragged flat batch against each request's paged KV cache: the SDPA gather
+path (the CPU path, and the CUDA baseline under `IDLM_ATTENTION=torch`). The Triton kernel path is
+`workers.kernel_attention`; both metadata classes expose `attend`, which the model's layers call.
 
 Owns: `AttentionMetadata` (built once per step by the model runner, shared by all layers) and
 `paged_attention` (write this step's K/V into the cache slots, then attend every query row to its
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from workers.batch_layout import request_rows
 
 # Query chunks longer than this are attended one request at a time (see module docstring).
 _SOLO_Q_LEN = 64
@@ -54,17 +58,13 @@ class AttentionMetadata:
     ) -> AttentionMetadata:
         """q_lens[i] new rows of request i follow its ctx_lens[i] cached tokens. `row_of` [T]: flat
         row of each request-order row (None: requests' rows are consecutive, in order)."""
-        B = len(q_lens)
         width = max((len(t) for t in block_tables), default=1) or 1
         bt = torch.tensor([t + [0] * (width - len(t)) for t in block_tables] or [[0]], dtype=torch.long)  # [B, W]
         ql = torch.tensor(q_lens, dtype=torch.long)  # [B]
         ctx = torch.tensor(ctx_lens, dtype=torch.long)  # [B]
-        T = int(ql.sum()) if B else 0
+        T = sum(q_lens)
         qs = torch.cumsum(ql, 0) - ql  # [B] first request-order row of each request
-        rid = torch.repeat_interleave(torch.arange(B), ql)  # [T]
-        j = torch.arange(T) - qs[rid]  # [T] row index inside its request
-        pos_ro = ctx[rid] + j
-        slot_ro = bt[rid, pos_ro // block_size] * block_size + pos_ro % block_size
+        _, _, pos_ro, slot_ro = request_rows(ql, ctx, bt, block_size, T)  # [T] each, request order
         identity_rows = row_of is None
         if row_of is None:
             row_of = torch.arange(T)
@@ -80,6 +80,9 @@ class AttentionMetadata:
         if packed.numel():
             groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device))
         return cls(slot_mapping=slot_mapping.to(device), positions=positions.to(device), groups=groups, num_tokens=T)
+
+    def attend(self, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, self, scale)
 
 
 def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device) -> _Group:

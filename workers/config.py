@@ -41,6 +41,9 @@ class EngineConfig:
     """Overrides the MASK id read from the model / adapter config."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
+    enforce_eager: bool = False
+    """CUDA only: never capture CUDA graphs (every step eager). Decode steps are otherwise replayed
+    from graphs captured per (batch bucket, rows per request) on first use (workers.cuda_graphs)."""
     kv_block_size: int = 16
     """Tokens per KV page."""
     num_kv_blocks: int | None = None
@@ -81,6 +84,7 @@ class EngineConfig:
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                  f"must be a boolean, got {self.enable_prefix_caching!r}")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported {self.dtype!r}")
+        _require(isinstance(self.enforce_eager, bool), "enforce_eager", f"must be a boolean, got {self.enforce_eager!r}")
         _require(self.kv_block_size >= 1, "kv_block_size", "must be >= 1")
         _require(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
         _require(self.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1")

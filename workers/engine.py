@@ -92,6 +92,9 @@ class LLMEngine:
             use_lora_gate=config.mode == "risd",
             device=config.device,
             dtype=_DTYPES[config.dtype],
+            enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
         )
         self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride)
         if self.policy.adaptive:

@@ -1,13 +1,20 @@
 """Model runner: turns a `SchedulerOutput` into one forward over a ragged flat batch.
 
-Owns: the model, its KV cache tensors, and input preparation. Every scheduled request contributes
-its rows `[real tokens..., drafts..., MASK x m]` at consecutive positions after its cached prefix.
-In the flat batch the clean rows (real tokens and drafts) of all requests come first and every MASK
-row after them, so the gated LoRA of R-ISD applies to one slice (`lora_from`) with no gathers; the
-attention metadata maps each request's rows back to causal order. Logits come back only at the rows
-that need them, per final item in the order `[pending, drafts..., MASK rows...]`. Requests that
-asked for prompt logprobs also get the hidden states of their prompt rows (`prompt_hidden`; the
-lm_head product over them is left to `workers.logprobs`, in bounded chunks); nothing else pays.
+Owns: the model, its KV cache tensors, the choice of attention path and input preparation. Every
+scheduled request contributes its rows `[real tokens..., drafts..., MASK x m]` at consecutive
+positions after its cached prefix. In the flat batch the clean rows (real tokens and drafts) of all
+requests come first and every MASK row after them, so the gated LoRA of R-ISD applies to one slice
+(`lora_from`) with no gathers; the attention metadata maps each request's rows back to causal order
+(`workers.batch_layout`). Logits come back only at the rows that need them, per final item in the
+order `[pending, drafts..., MASK rows...]`.
+
+Attention paths: the SDPA gather path (`workers.attention`: CPU, and CUDA under
+`IDLM_ATTENTION=torch`) or the Triton kernel path (`workers.kernel_attention`: CUDA by default).
+On the kernel path a step's inputs are one packed int32 tensor (one host-to-device copy); the
+metadata is built from it on the device; decode steps replay CUDA graphs (`workers.cuda_graphs`)
+unless `enforce_eager`. Requests that asked
+for prompt logprobs also get the hidden states of their prompt rows (`prompt_hidden`; the lm_head
+product over them is left to `workers.logprobs`, in bounded chunks); nothing else pays.
 
 Style rule (as vLLM's V2 runner): this file holds the common path only; feature code lives in the
 decoder or the model.
@@ -17,14 +24,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+import kernels
 from workers.attention import AttentionMetadata
+from workers.batch_layout import StepBatch, build_step_batch, flat_rows, request_index
+from workers.config import MAX_STRIDE
+from workers.cuda_graphs import CudaGraphRunner, capture_buckets, graph_padding
+from workers.kernel_attention import KernelMetadata, StepShape, pack_step
 from workers.kv_cache import allocate_kv_cache
 from workers.models.config import ModelConfig
 from workers.models.transformer import CausalLM
-from workers.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:  # the scheduler pulls in numpy (workers.stride); the runner needs only torch
+    from workers.scheduler import SchedulerOutput
 
 
 @dataclass
@@ -46,6 +61,9 @@ class ModelRunner:
         use_lora_gate: bool,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        enforce_eager: bool = False,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
     ) -> None:
         self.model = model
         self.cfg = model_config
@@ -55,86 +73,115 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.kv_caches = allocate_kv_cache(model_config, num_blocks, block_size, dtype, self.device)
+        self.kernel_path = kernels.attention_backend(self.device) == "triton"
+        self.max_model_len = max_model_len or model_config.max_position_embeddings
+        self.max_num_seqs = max_num_seqs
+        self.graphs: CudaGraphRunner | None = None
+        if self.kernel_path and self.device.type == "cuda" and not enforce_eager:
+            self.enable_graphs()
+
+    def enable_graphs(self, capture: bool = True) -> None:
+        """Decode steps padded to graph shapes (`workers.cuda_graphs`) and replayed from CUDA graphs;
+        `capture=False` runs the same padded steps eagerly from the static buffer (CPU tests)."""
+        if not self.kernel_path:
+            raise ValueError("enable_graphs: CUDA graphs need the kernel attention path (IDLM_ATTENTION=triton)")
+        self.buckets = capture_buckets(self.max_num_seqs)
+        # every graph's block table has room for the longest context plus a block of rows
+        self.graph_width = -(-(self.max_model_len + 2 * MAX_STRIDE) // self.block_size)
+        B, rows = self.buckets[-1], (2 * MAX_STRIDE - 1) * self.buckets[-1]
+        self.graphs = CudaGraphRunner(self._forward, self.device, 5 * B + 2 * rows + B * self.graph_width, capture=capture)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        ids: list[int] = []  # clean rows of every item, in item order
-        q_lens, clean_lens, mask_lens, ctx_lens, tables = [], [], [], [], []
-        row_offsets: list[int] = []
-        logit_ro: list[int] = []  # request-order rows that need logits
-        prompt_ro: list[int] = []  # request-order prompt rows whose hidden states go back
-        spans: list[tuple[int, int, int]] = []
-        n_logits = ro = 0
-        for i, it in enumerate(sched.items):
-            req = it.request
-            if req.params.prompt_logprobs is not None and req.needs_prompt_logits:
-                # rows at positions p < prompt_len - 1 predict prompt token p + 1
-                start = max(req.num_computed, len(req.prompt_logprobs or ()))
-                end = min(req.num_computed + it.num_real, req.num_prompt_tokens - 1)
-                if end > start:
-                    spans.append((i, start, end - start))
-                    prompt_ro += range(ro + start - req.num_computed, ro + end - req.num_computed)
-            clean = req.token_slice(req.num_computed, req.num_computed + it.num_real)
-            m = 0
-            if it.final:
-                clean += req.drafts[: it.num_drafts]
-                m = it.num_masks
-                row_offsets.append(n_logits)
-                # `pending` is the last real row; it and everything after it need logits.
-                first, end = ro + it.num_real - 1, ro + len(clean) + m
-                logit_ro += range(first, end)
-                n_logits += end - first
-            else:
-                row_offsets.append(-1)
-            ids += clean
-            q_lens.append(len(clean) + m)
-            clean_lens.append(len(clean))
-            mask_lens.append(m)
-            ctx_lens.append(req.num_computed)
-            tables.append(req.block_table)
-            ro += len(clean) + m
-        n_clean, n_mask = len(ids), sum(mask_lens)
-        row_of = None
-        if n_mask:
-            ids += [self.mask_token_id] * n_mask
-            row_of = _row_of(q_lens, clean_lens, n_clean)
+        if not self.kernel_path:
+            return self._execute_sdpa(build_step_batch(sched.items, self.mask_token_id))
+        pad = graph_padding(sched.items, sched.num_tokens, self.buckets) if self.graphs else None
+        if pad is not None and all(len(it.request.block_table) <= self.graph_width for it in sched.items):
+            batch = build_step_batch(sched.items, self.mask_token_id, pad)
+            shape = StepShape.of(batch, self.graph_width, self.cfg.num_kv_heads, self.device, self.max_model_len)
+            if self.graphs.can_run(shape):
+                (hidden, q_index), inputs = self.graphs.run(pack_step(batch, self.graph_width), shape)
+                return self._logits(hidden, q_index, inputs[shape.packed_size :], batch)
+        batch = build_step_batch(sched.items, self.mask_token_id)
+        return self._execute_kernel(batch)
+
+    def _execute_kernel(self, batch: StepBatch) -> RunnerOutput:
+        width = max((len(t) for t in batch.tables), default=1) or 1
+        shape = StepShape.of(batch, width, self.cfg.num_kv_heads, self.device)
+        inputs = pack_step(batch, width).to(self.device, non_blocking=True)
+        hidden, q_index = self._forward(inputs, shape)
+        return self._logits(hidden, q_index, inputs[shape.packed_size :], batch)
+
+    def _forward(self, inputs: torch.Tensor, shape: StepShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Kernel path, packed inputs on the device -> (hidden [T, H], flat row of each request-order
+        row or None). Host-sync free: this is what a CUDA graph captures."""
+        meta, ids = KernelMetadata.build(inputs, shape, self.block_size)
+        lora_from = shape.num_clean if self.use_lora_gate else None
+        hidden = self.model(ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)
+        return hidden, meta.q_index
+
+    def _logits(self, hidden, q_index, logit_rows: torch.Tensor, batch: StepBatch) -> RunnerOutput:
+        if batch.logit_rows:
+            rows = logit_rows.long()  # [R] request-order rows, on the device
+            if q_index is not None:
+                rows = q_index[rows]
+            logits = self.model.compute_logits(hidden.index_select(0, rows)).float()  # [R, V]
+        else:
+            logits = torch.empty(0, self.cfg.vocab_size, device=self.device)
+        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
+                                        q_index, batch)
+
+    def _execute_sdpa(self, batch: StepBatch) -> RunnerOutput:
         dev = self.device
-        meta = AttentionMetadata.build(q_lens, ctx_lens, tables, self.block_size, dev, row_of=row_of)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)  # [T]
-        # R-ISD: MASK rows are rows n_clean.. (possibly none this step; the LoRA layers then use the
+        q_lens = [c + m for c, m in zip(batch.c_real, batch.m_real)]
+        row_of = None
+        if not batch.in_request_order:
+            row_of = _row_of(q_lens, batch.c_real, batch.num_clean)
+        meta = AttentionMetadata.build(q_lens, batch.ctx, batch.tables, self.block_size, dev, row_of=row_of)
+        input_ids = torch.tensor(batch.ids, dtype=torch.long, device=dev)  # [T]
+        # R-ISD: MASK rows are rows num_clean.. (possibly none this step; the LoRA layers then use the
         # same packed weights as on MASK steps, so only one packed copy of each weight exists)
-        lora_from = n_clean if self.use_lora_gate else None
+        lora_from = batch.num_clean if self.use_lora_gate else None
         hidden = self.model(input_ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)  # [T, H]
-        if logit_ro:
-            rows = torch.tensor(logit_ro, dtype=torch.long)
+        if batch.logit_rows:
+            rows = torch.tensor(batch.logit_rows, dtype=torch.long)
             if row_of is not None:
                 rows = row_of[rows]
             logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
-        out = RunnerOutput(logits=logits, row_offsets=row_offsets)
-        if prompt_ro:
-            rows = torch.tensor(prompt_ro, dtype=torch.long)
+        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
+                                        row_of, batch)
+
+    @staticmethod
+    def _with_prompt_hidden(out: RunnerOutput, hidden, row_of, batch: StepBatch) -> RunnerOutput:
+        """Adds the hidden states of the prompt rows whose logprobs were asked for (`row_of` maps
+        request-order rows to flat rows, None when they coincide)."""
+        if batch.prompt_rows:
+            rows = torch.tensor(batch.prompt_rows, dtype=torch.long, device=hidden.device)
             if row_of is not None:
                 rows = row_of[rows]
-            out.prompt_hidden, out.prompt_spans = hidden.index_select(0, rows.to(dev)), spans
+            out.prompt_hidden, out.prompt_spans = hidden.index_select(0, rows), batch.prompt_spans
         return out
 
 
     @torch.inference_mode()
     def time_rows(self, rows: int) -> float:
-        """Seconds of one forward of `rows` rows with logits at every row (a decode-like step; as in
-        R-ISD blocks, 3 in 7 rows carry the gated LoRA). Writes only KV slots of free blocks."""
+        """Seconds of one eager forward of `rows` rows with logits at every row (a decode-like step;
+        as in R-ISD blocks, 3 in 7 rows carry the gated LoRA). Writes only KV slots of free blocks."""
         rows = max(1, min(rows, self.kv_caches[0][0].shape[0]))
         blocks = list(range(-(-rows // self.block_size)))
-        meta = AttentionMetadata.build([rows], [0], [blocks], self.block_size, self.device)
-        ids = torch.zeros(rows, dtype=torch.long, device=self.device)
-        lora_from = rows - 3 * rows // 7 if self.use_lora_gate else None
+        n_mask = 3 * rows // 7 if self.use_lora_gate else 0
+        n_clean = rows - n_mask
+        batch = StepBatch(ids=[0] * rows, ctx=[0], c_real=[n_clean], m_real=[n_mask], c_slot=[n_clean],
+                          m_slot=[n_mask], tables=[blocks], logit_rows=list(range(rows)), logit_offsets=[0])
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        h = self.model(ids, meta.positions, kv_caches=self.kv_caches, meta=meta, lora_from=lora_from)
-        self.model.compute_logits(h).float()
+        if self.kernel_path:
+            self._execute_kernel(batch)
+        else:
+            self._execute_sdpa(batch)
         sync()
         return time.perf_counter() - t0
 
@@ -145,8 +192,5 @@ def _row_of(q_lens: list[int], clean_lens: list[int], n_clean: int) -> torch.Ten
     ql = torch.tensor(q_lens, dtype=torch.long)
     cl = torch.tensor(clean_lens, dtype=torch.long)
     ml = ql - cl
-    rid = torch.repeat_interleave(torch.arange(len(q_lens)), ql)
-    j = torch.arange(int(ql.sum())) - (torch.cumsum(ql, 0) - ql)[rid]
-    clean_start = torch.cumsum(cl, 0) - cl
-    mask_start = n_clean + torch.cumsum(ml, 0) - ml
-    return torch.where(j < cl[rid], clean_start[rid] + j, mask_start[rid] + j - cl[rid])
+    rid, j = request_index(ql, sum(q_lens))
+    return flat_rows(rid, j, cl, ml, cl, ml, n_clean)

@@ -29,7 +29,9 @@ def test_tiny_run_writes_rows(tmp_path, lora_rank):
     assert res["measured"] is False and res["tiny"] is True and res["lora_rank"] == lora_rank
     assert res["roofline_ar_c1"]["met"] is None  # a CPU run never claims a GPU target
     assert [r["conc"] for r in res["rows"]] == [1, 2]
-    assert all(r["ar_ms_min"] > 0 and r["isd_ms_min"] > 0 for r in res["rows"])
+    assert res["paths"] == ["default"] and res["cuda_graphs"] is False  # CPU: the runner's own (SDPA) path
+    assert all(r["ar_ms_min"] > 0 and r["isd_ms_min"] > 0 and r["host_ms_median_isd"] > 0 for r in res["rows"])
+    assert all(r["paths"]["default"]["isd_logits_max_abs_diff_vs_first"] == 0 for r in res["rows"])
 
 
 def test_without_cuda_not_measured(tmp_path):

@@ -39,8 +39,10 @@ def test_engine_config_fields():
     cfg = AppConfig.model_validate({
         "model": "m", "mode": "risd", "stride": 3, "adapter": "/a", "dtype": "bfloat16", "max_num_seqs": 7,
         "max_num_batched_tokens": 99, "kv_cache_tokens": 512, "kv_block_size": 8, "max_model_len": 300,
+        "enforce_eager": True,
     })
     ec = cfg.to_engine_config()
+    assert ec.enforce_eager is True and AppConfig().to_engine_config().enforce_eager is False
     assert (ec.mode, ec.stride, ec.adapter, ec.dtype) == ("risd", 3, "/a", "bfloat16")
     assert (ec.max_num_seqs, ec.max_num_batched_tokens, ec.kv_cache_tokens, ec.kv_block_size, ec.max_model_len) == (7, 99, 512, 8, 300)
     assert cfg.model_name == "m"
@@ -53,6 +55,7 @@ def test_engine_config_fields():
     ({"stride": 0}, "stride"),
     ({"stride": 17}, "stride"),
     ({"dtype": "int4"}, "dtype"),
+    ({"enforce_eager": "sometimes"}, "enforce_eager"),
     ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"temperature": 1.0}, "temperature"),
     ({"stride": 8, "max_num_batched_tokens": 10}, "max_num_batched_tokens"),

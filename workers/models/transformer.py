@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.attention import AttentionMetadata, dense_attention, paged_attention
+from workers.attention import AttentionMetadata, dense_attention
 from workers.models.config import ModelConfig
 from workers.models.linear import LoRALinear, LoraRows
 
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         lead = x.shape[:-1]
         q, k, v = self.qkv(x.reshape(-1, x.shape[-1]), rope, lora_rows)
         if meta is not None:
-            o = paged_attention(q, k, v, kv[0], kv[1], meta, self.scale)
+            o = meta.attend(q, k, v, kv[0], kv[1], self.scale)  # SDPA gather or Triton kernel path
         else:
             o = dense_attention(*(t.reshape(*lead, -1, self.hd) for t in (q, k, v)), dense_mask, self.scale)
         return self.o_proj(o.reshape(-1, self.nh * self.hd), lora_rows).view(*lead, -1)
