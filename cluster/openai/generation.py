@@ -13,13 +13,15 @@ the prompt's KV through it with no change here.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from cluster.openai.errors import APIError, replica_error
 from cluster.prefix_routing import PromptHasher, generate_request
-from cluster.protocol import Delta
+from cluster.protocol import Delta, GenerateRequest
 from workers.sampling_params import SamplingParams
 
 
@@ -115,13 +117,32 @@ async def _first(gen) -> Delta:
         raise replica_error(e) from None
 
 
+def _submit(replica, req: GenerateRequest, own_id: bool):
+    """One streaming call to the replicas. Ray Serve's router indexes its pending requests by the
+    request context's internal id, which every handle call made while serving one HTTP request
+    shares: siblings (n > 1, several prompts) would collapse into one pending entry and all but one
+    would never be routed (Ray 2.60, `RequestRouter._add_pending_request_to_indices`). So each
+    sibling is submitted from a copy of the context with an id of its own."""
+    if not own_id:
+        return replica.options(stream=True).generate.remote(req)
+
+    def call():
+        from ray.serve import context as serve_context
+
+        cur = serve_context._get_serve_request_context()
+        serve_context._serve_request_context.set(dataclasses.replace(cur, _internal_request_id=uuid.uuid4().hex))
+        return replica.options(stream=True).generate.remote(req)
+
+    return contextvars.copy_context().run(call)
+
+
 async def start(replica, rid: str, jobs: list[Job], hasher: PromptHasher, cache_salt: str | None = None) -> Started:
     """`hasher` adds the prompt's block digests for the prefix router (cluster.prefix_routing)."""
     gens = []
     for j in jobs:
         sub = rid if len(jobs) == 1 else f"{rid}-{j.index}-{uuid.uuid4().hex[:6]}"
         req = generate_request(sub, j.prompt_token_ids, j.params, hasher, cache_salt)
-        gens.append(replica.options(stream=True).generate.remote(req))
+        gens.append(_submit(replica, req, own_id=len(jobs) > 1))
     firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
     bad = next((f for f in firsts if isinstance(f, BaseException)), None)
     if bad is not None:
