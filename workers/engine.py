@@ -111,7 +111,7 @@ class LLMEngine:
                                   mask_token_id=self.mask_token_id, grammar_drafts=config.grammar_drafts)
         self.grammars = GrammarManager(lambda: GrammarBackend(
             self.tokenizer, mcfg.vocab_size, sorted(set(eos)), token_strings=loaded.token_strings,
-            cache_limit_bytes=config.grammar_cache_mb << 20, compile_timeout_s=config.grammar_compile_timeout_s), eos)
+            cache_limit_bytes=config.grammar_cache_mb << 20, compile_timeout_s=config.grammar_compile_timeout_s), eos, self.mask_token_id)
         self.output = OutputProcessor(self.tokenizer, eos)
         self.stats = StatsCollector(config.stride)
         self.requests: dict[str, Request] = {}

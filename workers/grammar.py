@@ -36,9 +36,11 @@ class RequestGrammar:
     """The matcher of one request. `accept` advances it with emitted tokens; `fill_chain` writes
     the masks of a chain of rows (state, state + d_0, ...) and leaves the state as it found it."""
 
-    def __init__(self, matcher, spec_key: str) -> None:
+    def __init__(self, matcher, spec_key: str, never: frozenset[int] = frozenset()) -> None:
         self.matcher = matcher
         self.key = spec_key
+        self.never = never
+        """Special, padded and MASK ids: refused here, never fed to the matcher."""
         self.num_accepted = 0
         """Output tokens the matcher has consumed (== len(output) between steps)."""
 
@@ -52,7 +54,7 @@ class RequestGrammar:
         n = 0
         m = self.matcher
         for t in tokens:
-            if m.is_terminated() or not m.accept_token(int(t)):
+            if t in self.never or m.is_terminated() or not m.accept_token(int(t)):
                 break
             n += 1
         return n
@@ -73,7 +75,7 @@ class RequestGrammar:
                 break
             m.fill_next_token_bitmask(bitmask, first_row + j)
             filled += 1
-            if j == len(drafts) or not m.accept_token(int(drafts[j])):
+            if j == len(drafts) or drafts[j] in self.never or not m.accept_token(int(drafts[j])):
                 break
             accepted += 1
         self.rollback(accepted)
@@ -93,6 +95,7 @@ class GrammarBackend:
         else:
             raise ValueError(f"{FIELD}: the served model has no tokenizer, so grammars cannot be compiled")
         self.info = info
+        self.special = frozenset(info.special_token_ids)
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=True,
                                             cache_limit_bytes=cache_limit_bytes)
@@ -135,10 +138,11 @@ class GrammarBackend:
         return PendingGrammar(self.pool.submit(self._compile, spec), spec.key(),
                               time.monotonic() + self.compile_timeout_s)
 
-    def matcher(self, compiled, stop_token_ids: list[int], key: str) -> RequestGrammar:
+    def matcher(self, compiled, stop_token_ids: list[int], key: str, never: frozenset[int] = frozenset()) -> RequestGrammar:
         """A fresh matcher whose stop set is the request's (EOS unless ignore_eos, stop_token_ids):
         the engine's and the matcher's stop sets agree, so termination happens at the same token."""
-        return RequestGrammar(self.xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids)), key)
+        never = self.special | never
+        return RequestGrammar(self.xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_token_ids)), key, never)
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -177,8 +181,9 @@ class GrammarManager:
     request its matcher when it is compiled (the backend is built on the first constrained request:
     a TokenizerInfo over a large vocabulary takes a moment)."""
 
-    def __init__(self, make_backend, eos_token_ids: list[int]) -> None:
+    def __init__(self, make_backend, eos_token_ids: list[int], mask_token_id: int | None = None) -> None:
         self._make = make_backend
+        self.never = frozenset() if mask_token_id is None else frozenset([mask_token_id])
         self.backend: GrammarBackend | None = None
         self.eos = list(eos_token_ids)
         self.pending: dict[str, object] = {}  # request id -> Request still compiling
@@ -214,7 +219,8 @@ class GrammarManager:
                 del self.pending[rid]
                 continue
             if compiled is not None:
-                req.grammar = self.backend.matcher(compiled, stop_set(req.params, self.eos), req.grammar_pending.key)
+                req.grammar = self.backend.matcher(compiled, stop_set(req.params, self.eos), req.grammar_pending.key,
+                                                   self.never)
                 req.grammar.accept(req.output_token_ids)  # nothing yet, unless resumed
                 req.grammar_pending = None
                 del self.pending[rid]
