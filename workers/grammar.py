@@ -28,6 +28,29 @@ from workers.structured_params import FIELD, StructuredOutputs
 _JSON_OPTS = dict(any_whitespace=False)
 
 
+# xgrammar 0.2.9 turns a length-bounded string into `[^"\\\r\n]{min,max}`, which lets control
+# characters through (invalid JSON). Such strings are rewritten into the equivalent pattern over
+# characters JSON allows unescaped (escapes are then not used inside them; the length is exact).
+_JSON_CHAR = '[^"\\\\\\x00-\\x1f]'
+
+
+def _bounded_strings(s):
+    if isinstance(s, list):
+        return [_bounded_strings(x) for x in s]
+    if not isinstance(s, dict):
+        return s
+    out = {k: _bounded_strings(v) for k, v in s.items()}
+    if ("minLength" in out or "maxLength" in out) and "pattern" not in out and out.get("type", "string") == "string":
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", "")
+        out["pattern"] = f"^{_JSON_CHAR}{{{lo},{hi}}}$"
+    return out
+
+
+def schema_text(schema) -> str:
+    """The JSON Schema as given to xgrammar (with the bounded-string rewrite above)."""
+    return json.dumps(_bounded_strings(schema))
+
+
 def _choice_ebnf(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c) for c in choices)
 
@@ -109,7 +132,7 @@ class GrammarBackend:
         where = f"{FIELD}.{spec.kind}"
         try:
             if spec.kind == "json":
-                g.from_json_schema(json.dumps(spec.json), strict_mode=spec.strict, **_JSON_OPTS)
+                g.from_json_schema(schema_text(spec.json), strict_mode=spec.strict, **_JSON_OPTS)
             elif spec.kind == "regex":
                 g.from_regex(spec.regex)
             elif spec.kind == "grammar":
@@ -125,7 +148,7 @@ class GrammarBackend:
     def _compile(self, spec: StructuredOutputs):
         c = self.compiler
         if spec.kind == "json":
-            return c.compile_json_schema(json.dumps(spec.json), strict_mode=spec.strict, **_JSON_OPTS)
+            return c.compile_json_schema(schema_text(spec.json), strict_mode=spec.strict, **_JSON_OPTS)
         if spec.kind == "json_object":
             return c.compile_json_schema(json.dumps({"type": "object"}), strict_mode=False, **_JSON_OPTS)
         if spec.kind == "regex":
