@@ -87,11 +87,13 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--adaptive", action="store_true", help="adaptive stride (default: fixed N, so TPF compares)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/structured_outputs.json"))
     args = ap.parse_args()
     from workers import LLM
 
-    llm = LLM("smollm2", mode="risd", stride=args.stride, kv_cache_tokens=16384, max_num_seqs=max(8, args.conc))
+    llm = LLM("smollm2", mode="risd", stride=args.stride, kv_cache_tokens=16384, max_num_seqs=max(8, args.conc),
+              adaptive_stride=args.adaptive)
     prompts = [llm.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]) for i in range(args.conc)]
     js, rx = {"json": SCHEMA}, {"regex": REGEX}
     half = [js if i % 2 == 0 else None for i in range(args.conc)]
