@@ -198,6 +198,10 @@ class AppConfig(_Strict):
     # sampling API
     max_logprobs: int = Field(20, ge=0)
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
+    # structured outputs
+    grammar_drafts: Literal["masked", "unmasked"] = "masked"
+    grammar_cache_mb: int = Field(256, ge=1)
+    grammar_compile_timeout_s: float = Field(30.0, gt=0)
     # HTTP
     api_key: str | None = Field(None, min_length=1)
     max_request_bytes: int = Field(1_000_000, ge=1024)
@@ -242,4 +246,7 @@ class AppConfig(_Strict):
             seed=self.seed,
             max_logprobs=self.max_logprobs,
             logprobs_mode=self.logprobs_mode,
+            grammar_drafts=self.grammar_drafts,
+            grammar_cache_mb=self.grammar_cache_mb,
+            grammar_compile_timeout_s=self.grammar_compile_timeout_s,
         )

@@ -96,6 +96,10 @@ class AsyncEngine:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.error is not None:
+                    finished = True
+                    # a constraint the replica could not compile is the request's fault (a 400)
+                    raise (ValueError if item.error.startswith("structured_outputs") else RuntimeError)(item.error)
                 yield item
                 if item.finished:
                     finished = True

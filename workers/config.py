@@ -66,6 +66,14 @@ class EngineConfig:
     logprobs_mode: Literal["raw_logprobs", "processed_logprobs"] = "raw_logprobs"
     """`raw_logprobs`: log_softmax of the model's logits (vLLM's default). `processed_logprobs`: of
     the distribution sampled from (processors, temperature, top-k / top-p; greedy: processors)."""
+    grammar_drafts: Literal["masked", "unmasked"] = "masked"
+    """Structured outputs: `masked` draws a constrained request's drafts from its grammar-masked
+    MASK rows (higher acceptance, CPU mask work per draft); `unmasked` from the raw rows (off-grammar
+    drafts are then rejected by verification). Both are exact."""
+    grammar_cache_mb: int = 256
+    """Memory bound of the replica's compiled-grammar cache (LRU)."""
+    grammar_compile_timeout_s: float = 30.0
+    """A grammar still compiling after this long fails its request (only that one)."""
     trust_cache: bool = True
     """Reuse converted model files in the cache directory."""
     extra: dict = field(default_factory=dict)
@@ -96,6 +104,11 @@ class EngineConfig:
         )
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         _require(isinstance(self.max_logprobs, int) and self.max_logprobs >= 0, "max_logprobs", "must be an integer >= 0")
+        _require(self.grammar_drafts in ("masked", "unmasked"), "grammar_drafts",
+                 f"must be 'masked' or 'unmasked', got {self.grammar_drafts!r}")
+        _require(isinstance(self.grammar_cache_mb, int) and self.grammar_cache_mb >= 1, "grammar_cache_mb",
+                 "must be an integer >= 1")
+        _require(self.grammar_compile_timeout_s > 0, "grammar_compile_timeout_s", "must be > 0")
         _require(self.logprobs_mode in ("raw_logprobs", "processed_logprobs"), "logprobs_mode",
                  f"must be 'raw_logprobs' or 'processed_logprobs', got {self.logprobs_mode!r}")
 

@@ -19,6 +19,7 @@ from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.detokenizer import OutputProcessor
+from workers.grammar import GrammarBackend, GrammarManager
 from workers.isd import Drafter, ISDDecoder, RoundResult
 from workers.model_runner import ModelRunner
 from workers.models.config import ModelConfig
@@ -40,6 +41,8 @@ class LoadedModel:
     tokenizer: object | None
     mask_token_id: int | None
     name: str
+    token_strings: list[str] | None = None
+    """The decoded vocabulary, for grammars on a model without a tokenizer (tests' tiny models)."""
 
 
 def load_engine_model(config: EngineConfig) -> LoadedModel:
@@ -107,7 +110,11 @@ class LLMEngine:
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.decoder = ISDDecoder(mcfg.vocab_size, draft_mode=config.extra.get("draft_mode", "sample"), drafter=drafter,
-                                  eos_token_ids=eos, logprobs_mode=config.logprobs_mode)
+                                  eos_token_ids=eos, logprobs_mode=config.logprobs_mode,
+                                  mask_token_id=self.mask_token_id, grammar_drafts=config.grammar_drafts)
+        self.grammars = GrammarManager(lambda: GrammarBackend(
+            self.tokenizer, mcfg.vocab_size, sorted(set(eos)), token_strings=loaded.token_strings,
+            cache_limit_bytes=config.grammar_cache_mb << 20, compile_timeout_s=config.grammar_compile_timeout_s), eos, self.mask_token_id)
         self.output = OutputProcessor(self.tokenizer, eos)
         self.stats = StatsCollector(config.stride)
         self.requests: dict[str, Request] = {}
@@ -150,6 +157,7 @@ class LLMEngine:
             k = getattr(params, name)
             if k is not None and k > self.config.max_logprobs:
                 raise ValueError(f"{name}: at most {self.config.max_logprobs} (max_logprobs), got {k}")
+        self.grammars.validate(params)
 
     def add_request(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None, cache_salt: str | None = None
@@ -167,6 +175,7 @@ class LLMEngine:
         req = Request(rid, prompt_token_ids, params, rng_key=request_key(seed))
         req.hash_root = self.config.cache_namespace(cache_salt) if cache_salt else self._hash_root
         req.accept_state = self.policy.acceptance.new_state()
+        self.grammars.admit(req)
         self.requests[rid] = req
         self.scheduler.add(req)
         with self.stats as (st, _):
@@ -178,6 +187,7 @@ class LLMEngine:
         if req is None:
             return None
         self.scheduler.remove(req)
+        self.grammars.forget(request_id)
         req.finish_reason = "abort"
         out = self._finish(req, [], time.monotonic())
         self._update_gauges()
@@ -196,10 +206,13 @@ class LLMEngine:
     # -- one step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         t0 = time.monotonic()
+        failed = self._poll_grammars(t0)
         sched = self.scheduler.schedule()
         if not sched.items:
+            if self.grammars.pending and not failed:
+                self.grammars.wait(0.05)  # only compilations to wait for
             self._update_gauges()
-            return []
+            return failed
         runner_out = self.runner.execute(sched)
         if runner_out.prompt_spans:
             self._gather_prompt_logprobs(sched, runner_out)
@@ -209,7 +222,7 @@ class LLMEngine:
             res = by_req.get(id(it))
             self.scheduler.commit(it, res.num_accepted if res else 0)
         now = time.monotonic()
-        outputs = [o for r in results if (o := self._apply(r, now)) is not None]
+        outputs = failed + [o for r in results if (o := self._apply(r, now)) is not None]
         rows, elapsed = sched.num_tokens, now - t0
         cost = self.policy.cost
         # Decode-like steps (most rows need logits) are where the cost model is used: they refine
@@ -230,6 +243,21 @@ class LLMEngine:
         self._update_gauges()
         return outputs
 
+    def _poll_grammars(self, now: float) -> list[RequestOutput]:
+        """Matchers for the requests whose grammar compiled; failed or timed-out compilations
+        end their request (only that one) with the error."""
+        if not self.grammars.pending:
+            return []
+        return [self._fail(req, err, now) for req, err in self.grammars.poll(now)]
+
+    def _fail(self, req: Request, error: str, now: float) -> RequestOutput:
+        self.requests.pop(req.request_id, None)
+        self.scheduler.remove(req)
+        req.finish_reason = "error"
+        out = self._finish(req, [], now)
+        out.error = error
+        return out
+
     def _gather_prompt_logprobs(self, sched, out) -> None:
         pos = 0
         for i, start, n in out.prompt_spans:
@@ -248,6 +276,9 @@ class LLMEngine:
     def _apply(self, res: RoundResult, now: float) -> RequestOutput | None:
         req = res.item.request
         kept = self.output.append(req, res.tokens)
+        if req.grammar is not None and req.grammar.accept(kept) != len(kept):
+            # every kept token came from a masked row: a refusal means the masks are wrong
+            return self._fail(req, f"grammar desync: the matcher refused output token of {req.request_id}", now)
         lps = res.logprobs[: len(kept)] if res.logprobs is not None else None
         m = req.metrics
         m.num_forwards += 1

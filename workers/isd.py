@@ -18,10 +18,16 @@ rows processed with the history each row assumes, and their MASK rows processed 
 position, each seeing the drafts drawn before it) before the drafts are drawn; the processed MASK
 rows are the stored q (`workers.logits_processors`). Logprobs come from the target row of each
 emitted token (`workers.logprobs`).
+
+Constrained requests (`structured_outputs`) get their verify rows masked by their matcher after
+the drafts before each row, and their MASK rows masked likewise before the drafts are drawn
+(`workers.grammar_masks`, which says why this is exact for every temperature).
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -31,6 +37,7 @@ import torch
 import kernels
 from kernels import SamplingMetadata
 from kernels.rng import PURPOSE_DRAFT
+from workers import grammar_masks as gm
 from workers import logprobs as lp
 from workers.logits_processors import LogitsProcessors, any_processors, apply
 from workers.model_runner import RunnerOutput
@@ -74,12 +81,23 @@ class ISDDecoder:
         drafter: Drafter | None = None,
         eos_token_ids: list[int] | None = None,
         logprobs_mode: lp.LogprobsMode = "raw_logprobs",
+        mask_token_id: int | None = None,
+        grammar_drafts: Literal["masked", "unmasked"] = "masked",
     ) -> None:
         self.vocab_size = vocab_size
         self.draft_mode = draft_mode
         self.drafter = drafter
         self.processors = LogitsProcessors(vocab_size, eos_token_ids or [])
         self.logprobs_mode = logprobs_mode
+        self.mask_token_id = mask_token_id
+        self.grammar_drafts = grammar_drafts
+        """`masked`: a constrained request's drafts are drawn from its grammar-masked MASK rows
+        (higher acceptance); `unmasked`: from the raw rows (no CPU work; off-grammar drafts are
+        then rejected by verification). Both exact."""
+        self.mask_times: deque[float] = deque(maxlen=4096)
+        """Seconds spent building and applying grammar masks, per step that had any."""
+        self.mask_log: list | None = None
+        """Test hook: when a list, every verify mask is logged as (request, drafts, bitmask rows)."""
 
     def _metadata(self, reqs: list[Request], device) -> SamplingMetadata:
         return SamplingMetadata(
@@ -90,6 +108,27 @@ class ISDDecoder:
             step=torch.tensor([r.rng_step for r in reqs], dtype=torch.long, device=device),
         )
 
+    def _verified_drafts(self, finals: list[tuple[ScheduledItem, int]]) -> list[int]:
+        """How many of each request's drafts this round verifies (all of them: off-grammar drafts
+        are rejected by verification itself, which is what keeps sampled ISD exact)."""
+        return [it.num_drafts for it, _ in finals]
+
+    def _grammar_masks(self, finals, nv: list[int], t_off: list[int], target: torch.Tensor) -> None:
+        """Masks every constrained request's verify rows: row j by the matcher after d_<j."""
+        chains = [(it.request.grammar, t_off[i], it.request.drafts[: nv[i]])
+                  for i, (it, _) in enumerate(finals) if it.request.grammar is not None]
+        if not chains:
+            return
+        t0 = time.perf_counter()
+        bm, rows = gm.verify_masks(chains, target.shape[0], target.shape[1], self.mask_token_id)
+        if self.mask_log is not None:
+            for g, first, drafts in chains:
+                req = next(it.request for it, _ in finals if it.request.grammar is g)
+                self.mask_log.append((req.request_id, list(req.output_token_ids), list(drafts),
+                                      bm[first : first + len(drafts) + 1].clone()))
+        gm.apply_masks(target, bm, rows)
+        self.mask_times.append(time.perf_counter() - t0)
+
     def process(self, sched: SchedulerOutput, out: RunnerOutput) -> list[RoundResult]:
         finals = [(it, off) for it, off in zip(sched.items, out.row_offsets) if it.final]
         if not finals:
@@ -98,20 +137,21 @@ class ISDDecoder:
         dev, V = logits.device, logits.shape[1]
         reqs = [it.request for it, _ in finals]
         meta = self._metadata(reqs, dev)
-        num_drafts = [it.num_drafts for it, _ in finals]
+        nv = self._verified_drafts(finals)
         target_idx: list[int] = []
         t_off: list[int] = []  # first row of each request in `target`
-        for it, off in finals:
+        for (_, off), k in zip(finals, nv):
             t_off.append(len(target_idx))
-            target_idx += range(off, off + it.num_drafts + 1)
+            target_idx += range(off, off + k + 1)
         target = logits.index_select(0, torch.tensor(target_idx, dtype=torch.long, device=dev))  # [sum(k+1), V]
+        self._grammar_masks(finals, nv, t_off, target)
         want_lp = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         proc = None
         if any_processors(reqs):
             # verify row j of a request sees its output + the drafts before row j
             proc = self.processors.prepare(
                 [(it.request, t_off[i] + j, it.request.drafts[:j]) for i, (it, _) in enumerate(finals)
-                 for j in range(it.num_drafts + 1)], dev)
+                 for j in range(nv[i] + 1)], dev)
         lp_src, lp_off = target, t_off
         if proc is not None:
             if want_lp and self.logprobs_mode == "raw_logprobs":
@@ -119,21 +159,22 @@ class ISDDecoder:
                 lp_off, keep = {}, []
                 for i in want_lp:
                     lp_off[i] = len(keep)
-                    keep += range(t_off[i], t_off[i] + num_drafts[i] + 1)
+                    keep += range(t_off[i], t_off[i] + nv[i] + 1)
                 lp_src = target.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev))
             apply(target, proc)
-        draft_ids = torch.tensor([d for it, _ in finals for d in it.request.drafts[: it.num_drafts]], dtype=torch.long, device=dev)
+        draft_ids = torch.tensor([d for (it, _), k in zip(finals, nv) for d in it.request.drafts[:k]],
+                                 dtype=torch.long, device=dev)
         draft_logits = None
-        if sum(num_drafts) and not meta.all_greedy:
+        if sum(nv) and not meta.all_greedy:
             rows = []
-            for it, _ in finals:
+            for (it, _), k in zip(finals, nv):
                 r = it.request
-                if it.num_drafts == 0:
+                if k == 0:
                     continue
                 # Greedy requests never read q; zeros keep the flat layout aligned.
-                rows.append(r.draft_logits[: it.num_drafts] if r.draft_logits is not None else torch.zeros(it.num_drafts, V, device=dev))
+                rows.append(r.draft_logits[:k] if r.draft_logits is not None else torch.zeros(k, V, device=dev))
             draft_logits = torch.cat(rows)  # [sum(k), V]
-        tokens, num_out = kernels.verify(target, draft_logits, draft_ids, num_drafts, meta)
+        tokens, num_out = kernels.verify(target, draft_logits, draft_ids, nv, meta)
         tokens, num_out = tokens.tolist(), num_out.tolist()
 
         results = []
@@ -197,8 +238,16 @@ class ISDDecoder:
         mask_logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))  # [M, V]
         ri = torch.tensor(req_index, dtype=torch.long, device=dev)
         st = torch.tensor(stream, dtype=torch.long, device=dev)
-        if any_processors([it.request for it, *_ in propose]):
-            proposed = self._draw_processed(propose, mask_logits, ri, st, meta)
+        masker = None
+        if self.grammar_drafts == "masked" and any(it.request.grammar is not None for it, *_ in propose):
+            entries, pos = [], 0
+            for it, _, _, toks in propose:
+                if it.request.grammar is not None:
+                    entries.append((it.request.grammar, pos, toks, it.num_masks))
+                pos += it.num_masks
+            masker = gm.DraftMasker(entries, V, self.mask_token_id) or None
+        if masker is not None or any_processors([it.request for it, *_ in propose]):
+            proposed = self._draw_positional(propose, mask_logits, ri, st, meta, masker)
         else:
             proposed = self._draw(mask_logits, ri, st, meta).tolist()
         pos = 0
@@ -219,23 +268,35 @@ class ISDDecoder:
             else:
                 req.draft_logits = q_logits.clone()
 
-    def _draw_processed(self, propose, mask_logits: torch.Tensor, ri: torch.Tensor, st: torch.Tensor,
-                        meta: SamplingMetadata) -> list[int]:
-        """Drafts position by position: MASK row i of a request is processed with the history it
-        assumes (output + this round's tokens + the drafts drawn at rows < i), in place, then drawn."""
+    def _draw_positional(self, propose, mask_logits: torch.Tensor, ri: torch.Tensor, st: torch.Tensor,
+                         meta: SamplingMetadata, masker: gm.DraftMasker | None) -> list[int]:
+        """Drafts position by position: MASK row i of a request is masked by its grammar and
+        processed with the history it assumes (output + this round's tokens + the drafts drawn at
+        rows < i), in place, then drawn; the rows are left as drawn from (they become q)."""
         dev = mask_logits.device
         starts, pos = [], 0
         for it, *_ in propose:
             starts.append(pos)
             pos += it.num_masks
         proposed = [0] * pos
-        for i in range(max(it.num_masks for it, *_ in propose)):
-            live = [(it, s, toks) for (it, _, _, toks), s in zip(propose, starts) if it.num_masks > i]
-            b = self.processors.prepare([(it.request, s + i, toks + proposed[s : s + i]) for it, s, toks in live], dev)
-            if b is not None:
-                apply(mask_logits, b)
-            sel = [s + i for _, s, _ in live]
-            idx = torch.tensor(sel, dtype=torch.long, device=dev)
-            for r, t in zip(sel, self._draw(mask_logits[idx], ri[idx], st[idx], meta).tolist()):
-                proposed[r] = t
+        try:
+            for i in range(max(it.num_masks for it, *_ in propose)):
+                live = [(it, s, toks) for (it, _, _, toks), s in zip(propose, starts) if it.num_masks > i]
+                if masker is not None:
+                    t0 = time.perf_counter()
+                    bm, rows = masker.fill(i, mask_logits.shape[0])
+                    gm.apply_masks(mask_logits, bm, rows)
+                    self.mask_times.append(time.perf_counter() - t0)
+                b = self.processors.prepare([(it.request, s + i, toks + proposed[s : s + i]) for it, s, toks in live], dev)
+                if b is not None:
+                    apply(mask_logits, b)
+                sel = [s + i for _, s, _ in live]
+                idx = torch.tensor(sel, dtype=torch.long, device=dev)
+                for r, t in zip(sel, self._draw(mask_logits[idx], ri[idx], st[idx], meta).tolist()):
+                    proposed[r] = t
+                if masker is not None:
+                    masker.advance(i, {r: proposed[r] for r in sel})
+        finally:
+            if masker is not None:
+                masker.end()
         return proposed

@@ -59,6 +59,8 @@ class LLM:
         texts: dict[str, list[str]] = {rid: [] for rid in order}
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.error is not None:
+                    raise (ValueError if out.error.startswith("structured_outputs") else RuntimeError)(out.error)
                 res = partial[out.request_id]
                 res.token_ids += out.new_token_ids
                 texts[out.request_id].append(out.new_text)

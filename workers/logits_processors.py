@@ -14,7 +14,7 @@ AR and the verified target rows are the AR law with the same processors. The MAS
 logits are what their drafts are sampled from and are stored as q, so verification stays the one
 speculative-sampling rule of `kernels`.
 
-Order (vLLM's, one order for every row): logit_bias -> min_tokens -> penalties -> min_p; the kernels
+Order (vLLM's, one order for every row): grammar mask (`workers.grammar_masks`) -> logit_bias -> min_tokens -> penalties -> min_p; the kernels
 then apply temperature, top-k and top-p. `min_p` is applied on x = logits / T (keep x >= max x +
 log min_p, i.e. p >= min_p * p_max), for sampled rows only (it never changes an argmax).
 
@@ -187,7 +187,13 @@ def apply(logits: torch.Tensor, b: ProcessorBatch) -> torch.Tensor:
     if b.bias_idx is not None:
         logits.index_put_(b.bias_idx, b.bias_val, accumulate=True)
     if b.ban_idx is not None:
+        saved = logits[b.ban_idx]  # [S]
         logits.index_put_(b.ban_idx, torch.tensor(float("-inf"), device=logits.device))
+        # A grammar that allows only stop tokens here would leave nothing: such a row keeps its
+        # stop logits (vLLM's rule; row-local, so AR and every ISD row agree).
+        dead = (logits[b.ban_idx[0]] == float("-inf")).all(-1)  # [S]
+        if bool(dead.any()):
+            logits[b.ban_idx[0][dead], b.ban_idx[1][dead]] = saved[dead]
     if b.pen_rows is not None:
         idx = (b.pen_rows, b.pen_tokens)
         x = logits[idx]  # [P]: every seen token of every penalised row (prompt or history)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 @dataclass
@@ -63,6 +63,8 @@ class RequestOutput:
     """One `TokenLogprob` per token of `new_token_ids` when the request asked for logprobs."""
     prompt_logprobs: list | None = None
     """On the first delta of a request that asked for them: one entry per prompt token (None first)."""
+    error: str | None = None
+    """Why the request failed (finish_reason "error"): a grammar that did not compile in time, say."""
 
 
 @dataclass

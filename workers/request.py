@@ -46,6 +46,11 @@ class Request:
     """Running acceptance counts per draft position (`AcceptanceEstimator.new_state()`)."""
     penalty_state: object | None = None
     """Output-token counts of a request with penalties (`workers.logits_processors.PenaltyState`)."""
+    grammar: object | None = None
+    """The request's matcher when it has `structured_outputs` (`workers.grammar.RequestGrammar`),
+    once compiled; its state always equals `output_token_ids`."""
+    grammar_pending: object | None = None
+    """The compilation in flight (`workers.grammar.PendingGrammar`) until `grammar` is set."""
     prompt_logprobs: list | None = None
     """Prompt logprobs gathered so far when requested: entry p is that of prompt token p + 1."""
     prompt_logprobs_sent: bool = False
@@ -99,6 +104,11 @@ class Request:
         request must compute its whole prompt (no prefix-cache hit may skip rows)."""
         n = self.params.prompt_logprobs
         return n is not None and len(self.prompt_logprobs or ()) < self.num_prompt_tokens - 1
+
+    @property
+    def grammar_ready(self) -> bool:
+        """Unconstrained, or its matcher is compiled: the request may sample its next token."""
+        return self.params.structured_outputs is None or self.grammar is not None
 
     @property
     def num_output_tokens(self) -> int:

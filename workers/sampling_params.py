@@ -6,7 +6,7 @@ model (token ids inside the vocabulary, `logprobs` up to the engine's `max_logpr
 the engine when the request is added (`LLMEngine.validate`).
 
 Processing order of a row's logits (vLLM's, shared by AR and every ISD row; see
-`workers.logits_processors`): `logit_bias` -> `min_tokens` ban of the stop set -> repetition,
+`workers.logits_processors`): the grammar mask (`structured_outputs`) -> `logit_bias` -> `min_tokens` ban of the stop set -> repetition,
 frequency and presence penalties -> temperature -> `min_p` -> top-k -> top-p.
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
+
+from workers.structured_params import StructuredOutputs
 
 MAX_N = 16
 """Most samples per prompt (`n`)."""
@@ -59,6 +61,9 @@ class SamplingParams:
     """Return the log-probability of every generated token and the `logprobs` most likely ones."""
     prompt_logprobs: int | None = None
     """Return the log-probability of every prompt token (the first has none) and the top ones."""
+    structured_outputs: StructuredOutputs | None = None
+    """Constrain the output to a JSON Schema, regex, choice list or EBNF grammar (`workers.grammar`);
+    a dict of `StructuredOutputs` fields is accepted too."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +96,7 @@ class SamplingParams:
         if not _is_num(self.repetition_penalty) or not (0.0 < self.repetition_penalty < math.inf):
             raise ValueError(f"repetition_penalty: must be > 0, got {self.repetition_penalty!r}")
         self._check_logit_bias()
+        self.structured_outputs = StructuredOutputs.coerce(self.structured_outputs)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 0):
@@ -136,7 +142,10 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         """The fields as a plain dict (what crosses process boundaries; `SamplingParams(**d)` rebuilds it)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.structured_outputs is not None:
+            d["structured_outputs"] = self.structured_outputs.to_dict()
+        return d
 
     def fan_out(self) -> list[SamplingParams]:
         """The `n` one-sample requests of these parameters: sample i gets seed `seed + i` (vLLM's

@@ -124,6 +124,10 @@ class Scheduler:
 
     def _plan(self, req: Request, budget: int) -> ScheduledItem | None:
         num_real = req.num_tokens - req.num_computed
+        if not req.grammar_ready:
+            # Its grammar is still compiling: prefill all but the last token meanwhile (the
+            # compilation overlaps the prefill), then wait; other requests go on.
+            return ScheduledItem(req, min(budget, num_real - 1)) if num_real > 1 and budget > 0 else None
         n = req.stride if num_real == 1 and req.stride else self.new_stride
         k = min(len(req.drafts), n - 1)  # a longer draft sequence is cut: its tail is never verified
         m = self.num_masks(req, k, n)
@@ -175,6 +179,9 @@ class Scheduler:
             req = self.running[i]
             item = self._plan(req, budget)
             if item is None:
+                if not req.grammar_ready:
+                    i += 1
+                    continue
                 break
             need_tokens = req.num_computed + item.num_rows
             while not self.blocks.can_grow(req.block_table, need_tokens):
@@ -200,6 +207,10 @@ class Scheduler:
                 continue
             req.num_computed = len(hits) * self.block_size
             item = self._plan(req, budget)
+            if item is None and not req.grammar_ready:
+                req.num_computed = 0
+                deferred.append(self.waiting.popleft())
+                continue
             need_tokens = req.num_computed + (item.num_rows if item else 0)
             if item is None or not self.blocks.can_admit(hits, need_tokens):
                 req.num_computed = 0

@@ -5,7 +5,7 @@ Owns: `ChatRequest`, `CompletionRequest` and their parts. Ranges that need no mo
 here (OpenAI's: `top_logprobs` 0..20, completions `logprobs` 0..5, `n` 1..16, penalties -2..2,
 `logit_bias` values -100..100); vLLM's extras (`top_k`, `min_p`, `min_tokens`,
 `repetition_penalty`, `stop_token_ids`, `ignore_eos`, `include_stop_str_in_output`,
-`return_tokens_as_token_ids`) are accepted
+`return_tokens_as_token_ids`, `structured_outputs`) are accepted
 at the top level, as `extra_body` sends them.
 """
 
@@ -44,6 +44,30 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI `response_format`: `text` (no constraint), `json_object`, `json_schema`."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Strict):
+    """vLLM's `structured_outputs` extra: exactly one of these (checked in `workers.structured_params`)."""
+
+    json_: dict | bool | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class _Common(_Strict):
     model: str
     max_tokens: int | None = None
@@ -67,6 +91,8 @@ class _Common(_Strict):
     return_tokens_as_token_ids: bool = False
     """vLLM's extra: logprobs name tokens `token_id:<id>`."""
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
     cache_salt: str | None = Field(None, min_length=1)
     """Share cached prefix blocks only with requests of the same salt (vLLM's tenant isolation)."""
 
