@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import psutil
 from ray import serve
 
 from cluster.config import AppConfig
@@ -90,6 +91,8 @@ class EngineReplica:
             "prefix_cache_preempted_hits": st.prefix_cache_preempted_hits,
             "prefix_cache_evictions": st.prefix_cache_evictions,
             "kv_cache_cached_blocks": st.kv_cache_cached_blocks,
+            "num_blocks": self.engine.config.num_blocks,
+            "rss_bytes": psutil.Process().memory_info().rss,
         }
 
     def record_routing_stats(self) -> dict:
