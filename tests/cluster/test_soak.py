@@ -6,26 +6,18 @@ run, every KV block is free at the end, RSS stays bounded and the replicas log n
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from bench import soak  # the repository root is on sys.path (tests/ is a package)
+
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "bench" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_soak_with_replica_kills(tmp_path):
     out = tmp_path / "soak.json"
-    res = _soak().main(["--tiny", "--requests", "400", "--concurrency", "16", "--kill-every", "10",
+    res = soak.main(["--tiny", "--requests", "400", "--concurrency", "16", "--kill-every", "10",
                         "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     assert res["sent"] == 400 and res["lost"] == 0 and res["failed_4xx"] == 0, res["lost_examples"]
