@@ -45,6 +45,11 @@ class ActorOptions(_Strict):
 
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Ray custom resources per replica, e.g. `{"idlm_slot": 1}` with each node started with
+    `--resources='{"idlm_slot": 1}'` (or a KubeRay group's `rayStartParams.resources`): one
+    replica per node, so replicas spread over the nodes and a lost node's replica comes back on
+    that node when it returns (docs/reliability.md)."""
 
 
 class AutoscalingConfig(_Strict):

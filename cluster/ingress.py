@@ -18,14 +18,19 @@ from ray import serve
 
 from cluster.config import AppConfig
 from cluster.openai import chat, completions
+from cluster.openai.body import read_json_object
 from cluster.openai.errors import APIError, install_handlers, replica_error, validation_error
 from cluster.openai.generation import Job, Usage, collect, start
 from cluster.openai.logprobs import TokenStrings
 from cluster.openai.request_models import ChatRequest, CompletionRequest
+from cluster.openai.schema import install_openapi
 from cluster.prefix_routing import PromptHasher
 
+# The OpenAPI document is served at /openapi.json (schema fuzzers and client generators read it);
+# the interactive docs pages stay off.
 app = FastAPI(title="idlm-serve", docs_url=None, redoc_url=None)
 install_handlers(app)
+install_openapi(app)
 
 
 # Module-level helpers the ingress class uses must be defined above it: Serve serializes the
@@ -71,18 +76,7 @@ class OpenAIIngress:
 
     async def _body(self, request: Request, cls):
         self._check_auth(request)
-        length = request.headers.get("content-length")
-        if length and int(length) > self.cfg.max_request_bytes:
-            raise APIError(413, f"request body exceeds {self.cfg.max_request_bytes} bytes", code="request_too_large")
-        raw = await request.body()
-        if len(raw) > self.cfg.max_request_bytes:
-            raise APIError(413, f"request body exceeds {self.cfg.max_request_bytes} bytes", code="request_too_large")
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise APIError(400, "request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "request body must be a JSON object")
+        data = await read_json_object(request, self.cfg.max_request_bytes)
         try:
             body = cls.model_validate(data)
         except Exception as e:  # pydantic.ValidationError

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+import psutil
 from ray import serve
 
 from cluster.config import AppConfig
@@ -33,6 +34,12 @@ class EngineReplica:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (direct construction)
             self.replica_id = "local"
+        try:
+            import ray
+
+            self.node_id = ray.get_runtime_context().get_node_id()
+        except Exception:  # outside Ray
+            self.node_id = "local"
         self.exporter = EngineMetricsExporter(self.cfg.model_name, self.cfg.mode, self.engine.config.stride, self.replica_id)
         self._export_task: asyncio.Task | None = None
 
@@ -90,6 +97,9 @@ class EngineReplica:
             "prefix_cache_preempted_hits": st.prefix_cache_preempted_hits,
             "prefix_cache_evictions": st.prefix_cache_evictions,
             "kv_cache_cached_blocks": st.kv_cache_cached_blocks,
+            "num_blocks": self.engine.config.num_blocks,
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "node_id": self.node_id,
         }
 
     def record_routing_stats(self) -> dict:

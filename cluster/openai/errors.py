@@ -23,8 +23,14 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.type, self.headers = status, message, param, code, type_, headers
 
 
+def _printable(s):
+    """An error text that always encodes as UTF-8: a message quoting user input must not turn a
+    400 into a 500 when that input holds a lone surrogate."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(s, str) else s
+
+
 def error_response(status: int, message: str, param=None, code=None, type_="invalid_request_error", headers=None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code or status}}
+    body = {"error": {"message": _printable(message), "type": type_, "param": _printable(param), "code": code or status}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -118,13 +118,23 @@ BAD = [
     ("prompt over context", {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}, 400),
     ("max_tokens over context", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400),
     ("oversized body", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 1_200_000}]}, 413),
+    # Each of these answered 500 before cluster.openai.body checked the raw JSON.
+    ("deeply nested json", f'{{"model": "{MODEL}", "messages": {"[" * 100_000 + "]" * 100_000}}}', 400),
+    ("nested past the depth limit", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                     "user": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["x"]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}, 400),
+    ("lone surrogate in content", {"model": MODEL, "messages": [{"role": "user", "content": "hi \ud800 there"}]}, 400),
+    ("lone surrogate in a key", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "\udc00": 1}, 400),
+    ("lone surrogate in stop", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stop": ["\udfff"]}, 400),
+    ("lone surrogate in model", {"model": "\ud83d", "messages": [{"role": "user", "content": "hi"}]}, 400),
+    ("NaN is not JSON", '{"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400),
+    ("invalid utf-8", b'{"model": "\xff\xfe", "messages": []}', 400),
 ]
 
 
 @pytest.mark.parametrize("name,body,status", BAD, ids=[b[0] for b in BAD])
 def test_bad_input_matrix(cluster, name, body, status):
     base = cluster[1]
-    data = body if isinstance(body, str) else json.dumps(body)
+    data = body if isinstance(body, (str, bytes)) else json.dumps(body)
     r = requests.post(f"{base}/v1/chat/completions", data=data, headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == status, r.text
     err = r.json()["error"]
@@ -143,6 +153,8 @@ BAD_COMPLETIONS = [
     ("unknown parameter", {"model": MODEL, "prompt": "hi", "suffix": "x"}, 400),
     ("zero max_tokens", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400),
     ("unknown model", {"model": "nope", "prompt": "hi"}, 404),
+    ("lone surrogate in prompt", {"model": MODEL, "prompt": "The \ud800 capital"}, 400),
+    ("lone surrogate in prompt list", {"model": MODEL, "prompt": ["ok", "\udbff"]}, 400),
 ]
 
 
