@@ -13,7 +13,8 @@ sends to the least-queued replica of the first group with room under `max_ongoin
   for us), or a saturated deployment is retried in a tight loop.
 - FIFOMixin hands a pick to the oldest pending request, which would break affinity: not used.
   Without it the base class matches a pick to its request by `internal_request_id`, which the
-  fan-out calls of one HTTP request share: `_fulfill_next_pending_request` matches by identity.
+  fan-out calls of one HTTP request would share: the ingress gives each its own
+  (cluster.openai.generation._submit).
 - Arguments are resolved before routing: `pending_request.args[0]` is our `GenerateRequest` dict
   with its `prefix_hashes`; other calls (`stats`, `reset_prefix_cache`) carry none and fall back to
   power-of-two.
@@ -101,23 +102,6 @@ class IdlmPrefixRouter(RequestRouter):
         if first is not None and first != rid and outcome != "fallback":
             outcome = "spill"
         self.decisions.inc(1, tags={**self.tags, "replica": rid, "outcome": outcome})
-
-    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata=None) -> None:
-        """Hands `replica` to the very request it was chosen for. Serve's base class finds that
-        request by `internal_request_id`, but every handle call made while serving one HTTP request
-        inherits that request's id (the ingress fans `n > 1` and several prompts out into one call
-        per choice): only the first was indexed, the others never got a replica and the HTTP
-        request hung. Serve's own routers hide this with FIFOMixin, which would break affinity."""
-        if request_metadata is not None:
-            for pr in self._pending_requests_to_fulfill:
-                if pr.metadata is request_metadata and not pr.future.done():
-                    self._cancel_routing_task_for_pending_request(pr)
-                    self._record_queue_wait_time(pr)
-                    pr.future.set_result(replica)
-                    if self._pending_requests_by_id.get(request_metadata.internal_request_id) is pr:
-                        self._remove_pending_request_from_indices(pr)
-                    return
-        super()._fulfill_next_pending_request(replica, request_metadata)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
