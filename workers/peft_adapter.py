@@ -21,7 +21,7 @@ from workers.models.transformer import CausalLM
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 _PEFT_PREFIX = "base_model.model."
