@@ -35,7 +35,7 @@ def smol():
     d = resolve_model("smollm2")
     model, cfg = load_model(d)
     tok = load_tokenizer(d)
-    llm = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="ar")
+    llm = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), kv_cache_tokens=8192, mode="ar")
     prompts = [llm.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     return d, model, cfg, tok, prompts
 
@@ -50,9 +50,9 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
     _, model, *_ = smol
     prompts = smol[4]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar").generate(prompts, params)]
+    ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="ar").generate(prompts, params)]
     for N in (2, 3, 4, 8):
-        isd = LLM(loaded=_loaded(smol, False), mode="isd", stride=N)
+        isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=N)
         assert [o.token_ids for o in isd.generate(prompts, params)] == ar, f"isd N={N} batched"
         assert isd.generate([prompts[0]], params)[0].token_ids == ar[0], f"isd N={N} alone"
     # R-ISD with an (untrained, non-zero) gated LoRA: MASK rows change, output must not.
@@ -60,7 +60,7 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
         torch.manual_seed(0)
         model.add_lora(8, 16, ALL_PROJ, init_b_zero=False)
     for adaptive in (True, False):  # the load-adaptive stride changes the schedule, never the tokens
-        risd = LLM(loaded=_loaded(smol, True), mode="risd", stride=4, adaptive_stride=adaptive)
+        risd = LLM(loaded=_loaded(smol, True), kv_cache_tokens=8192, mode="risd", stride=4, adaptive_stride=adaptive)
         assert [o.token_ids for o in risd.generate(prompts, params)] == ar, f"risd adaptive={adaptive} batched"
         assert risd.generate([prompts[3]], params)[0].token_ids == ar[3], f"risd adaptive={adaptive} alone"
         assert risd.stats().draft_tokens > 0
@@ -71,14 +71,14 @@ def test_stop_strings_inside_committed_blocks(smol):
     """An oracle drafter makes every verify round commit N=4 tokens at once, so the stop string
     falls inside a committed block; nothing after (or of) the stop string is returned."""
     prompts = smol[4][:4]
-    base = LLM(loaded=_loaded(smol, False), mode="ar")
+    base = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="ar")
     full = base.generate(prompts, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     cont = {tuple(o.prompt_token_ids): o.token_ids for o in full}
 
     def oracle(req, proposed, i):
         return cont[tuple(req.prompt_token_ids)][i : i + len(proposed)]
 
-    isd = LLM(loaded=_loaded(smol, False), mode="isd", stride=4, drafter=oracle)
+    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4, drafter=oracle)
     for o in full:
         text = o.text
         words = text.split()
@@ -93,7 +93,7 @@ def test_stop_strings_inside_committed_blocks(smol):
 
 def test_max_tokens_exact_in_isd_blocks(smol):
     prompts = smol[4][:3]
-    isd = LLM(loaded=_loaded(smol, False), mode="isd", stride=4)
+    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4)
     for k in (1, 2, 5, 7):
         for o in isd.generate(prompts, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)):
             assert len(o.token_ids) == k and o.finish_reason == "length"
@@ -128,16 +128,16 @@ def test_shipped_demo_adapter(smol):
     info = load_adapter(model, path)
     assert info.mask_token_id == 16
     params = SamplingParams(temperature=0, max_tokens=48)
-    ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar").generate(prompts, params)]
+    ar = [o.token_ids for o in LLM(loaded=_loaded(smol, False), mode="ar", kv_cache_tokens=8192).generate(prompts, params)]
     # fixed stride: this measures the adapter's drafts, not the load-adaptive schedule
-    risd = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False)
+    risd = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False, kv_cache_tokens=8192)
     out = risd.generate(prompts, params)
     assert [o.token_ids for o in out] == ar
     assert risd.stats().tokens_per_forward > 1.25, risd.stats().tokens_per_forward  # these 8 prompts: 1.47
     # the far split (hand-written everyday prompts no training generator wrote): its first 12,
     # 64 tokens, equal to the stored AR responses and a TPF floor (measured 1.34)
     rows = [json.loads(x) for x in (ROOT / "training/data/smollm2/far.jsonl").read_text().splitlines()[:12]]
-    far = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False)
+    far = LLM(loaded=LoadedModel(model, cfg, tok, 16, "smollm2"), mode="risd", stride=4, adaptive_stride=False, kv_cache_tokens=8192)
     outs = far.generate([r["prompt_ids"] for r in rows], SamplingParams(temperature=0, max_tokens=64))
     assert all(o.token_ids == r["response_ids"][: len(o.token_ids)] for o, r in zip(outs, rows))
     assert far.stats().tokens_per_forward > 1.25, far.stats().tokens_per_forward
