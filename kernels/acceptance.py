@@ -36,45 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import rng
 from kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, truncation_threshold
+from kernels.triton_rng import fmix32, row_hash, uniform, vocab_exp1
 
-# Hash constants of kernels.rng, as compile-time constants of the kernels.
-_C_STEP = tl.constexpr(rng.C_STEP)
-_C_STREAM = tl.constexpr(rng.C_STREAM)
-_C_VOCAB = tl.constexpr(rng.C_VOCAB)
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def _fmix32(h):
-    # murmur3 finaliser on uint32: products wrap mod 2^32 and >> is a logical shift, as in
-    # kernels.rng.fmix32 (which emulates this with int64 and masks).
-    h = h ^ (h >> 16)
-    h = h * tl.full((), 0x85EBCA6B, tl.uint32)
-    h = h ^ (h >> 13)
-    h = h * tl.full((), 0xC2B2AE35, tl.uint32)
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _row_hash(key, step, word):
-    # key, step, word: uint32 [BLOCK] -> uint32 base hash of a (request, round, stream) row.
-    h = _fmix32(key ^ (step * tl.full((), _C_STEP, tl.uint32)))
-    return _fmix32(h ^ (word * tl.full((), _C_STREAM, tl.uint32)))
-
-
-@triton.jit
-def _uniform(h):
-    # uint32 -> float32 strictly inside (0, 1): 23 random bits, centred, exact (see kernels.rng).
-    return ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-
-
-@triton.jit
-def _vocab_exp1(base, offs):
-    # base: uint32 [BLOCK_R], offs: int32 [BLOCK_V] -> E = -log U, one Exp(1) draw per (row, token).
-    h = _fmix32(base[:, None] ^ (offs.to(tl.uint32) * tl.full((), _C_VOCAB, tl.uint32))[None, :])
-    return -tl.log(_uniform(h))
 
 
 @triton.jit
@@ -211,7 +176,7 @@ def _verify_sampled(
                    tl.load(STATS + stride_st + dr, mask=act, other=0.0),
                    tl.load(STATS + 2 * stride_st + dr, mask=act, other=1.0))
         word = tl.zeros([BLOCK_R], tl.uint32) + (j * 4 + 0)  # stream word: draft j, PURPOSE_ACCEPT
-        u = _uniform(_fmix32(_row_hash(key, step, word)))
+        u = uniform(fmix32(row_hash(key, step, word)))
         rej = act & ~(u * qd < pd)  # accept with probability min(1, p/q), no division
         tl.store(OUT + b * stride_out + j, d, mask=act & ~rej)
         n_acc = tl.where(rej, j, n_acc)
@@ -229,7 +194,7 @@ def _verify_sampled(
     q_thr = tl.load(STATS + dr, mask=is_res, other=0.0)
     q_m = tl.load(STATS + stride_st + dr, mask=is_res, other=0.0)
     q_s = tl.load(STATS + 2 * stride_st + dr, mask=is_res, other=1.0)
-    base = _row_hash(key, step, (n_acc * 4 + 1).to(tl.uint32))  # PURPOSE_SAMPLE at position n_acc
+    base = row_hash(key, step, (n_acc * 4 + 1).to(tl.uint32))  # PURPOSE_SAMPLE at position n_acc
     p_row = TL + tr.to(tl.int64)[:, None] * stride_t
     q_row = DL + (ds + n_acc).to(tl.int64)[:, None] * stride_d
     best_w = tl.full([BLOCK_R], -1.0, tl.float32)
@@ -245,7 +210,7 @@ def _verify_sampled(
         p = tl.where(lm, _prob(x, p_thr[:, None], p_m[:, None], p_s[:, None]), 0.0)
         q = tl.where(lm & is_res[:, None], _prob(y, q_thr[:, None], q_m[:, None], q_s[:, None]), 0.0)
         w = tl.where(is_res[:, None], tl.maximum(p - q, 0.0), p)
-        e = _vocab_exp1(base, offs)
+        e = vocab_exp1(base, offs)
         best_w, idx_w = _argmax_update(best_w, idx_w, tl.where(lm, w / e, -1.0), v0)
         best_p, idx_p = _argmax_update(best_p, idx_p, tl.where(lm, p / e, -1.0), v0)
     tok = tl.where(best_w > 0, idx_w, idx_p)
@@ -270,7 +235,7 @@ def _race_rows(
     thr = tl.load(STATS + r, mask=live, other=0.0)
     m = tl.load(STATS + stride_st + r, mask=live, other=0.0)
     s = tl.load(STATS + 2 * stride_st + r, mask=live, other=1.0)
-    base = _row_hash(tl.load(KEY + r, mask=live, other=0).to(tl.uint32),
+    base = row_hash(tl.load(KEY + r, mask=live, other=0).to(tl.uint32),
                      tl.load(STEP + r, mask=live, other=0).to(tl.uint32),
                      tl.load(WORD + r, mask=live, other=0).to(tl.uint32))
     row = L + r.to(tl.int64)[:, None] * stride_l
@@ -281,7 +246,7 @@ def _race_rows(
         lm = live[:, None] & (offs < V)[None, :]
         x = tl.math.div_rn(tl.load(row + offs[None, :], mask=lm, other=float("-inf")).to(tl.float32), t[:, None])
         p = _prob(x, thr[:, None], m[:, None], s[:, None])
-        best, idx = _argmax_update(best, idx, tl.where(lm, p / _vocab_exp1(base, offs), -1.0), v0)
+        best, idx = _argmax_update(best, idx, tl.where(lm, p / vocab_exp1(base, offs), -1.0), v0)
     tl.store(OUT + r, idx.to(tl.int64), mask=live)
 
 
