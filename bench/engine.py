@@ -110,6 +110,7 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
         ws = waves(prompts_for(tok, max(c, C1_WAVES)), c)
         walls = {s: [] for s in systems}
         tpfs = {s: [] for s in systems}
+        before = {s: dict(llm.stats().rounds_by_stride) for s, llm in engines.items()}
         for _ in range(repeats):
             for system, llm in engines.items():
                 t0, res = time.perf_counter(), []
@@ -126,10 +127,18 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
         n_tokens = sum(len(w) for w in ws) * max_tokens
         for system, llm in engines.items():
             row = summarize(walls[system], n_tokens) | {"tokens_per_forward": statistics.median(tpfs[system])}
-            row["rounds_by_stride"] = {str(k): v for k, v in sorted(llm.stats().rounds_by_stride.items())}
+            st = llm.stats()
+            # this concurrency's rounds only (the engines live through every C)
+            row["rounds_by_stride"] = {str(k): v - before[system].get(k, 0) for k, v in sorted(st.rounds_by_stride.items())
+                                       if v > before[system].get(k, 0)}
+            cost = llm.engine.policy.cost
+            if cost is not None:  # the adaptive policy's cost model after this C, and its fit
+                row["cost_model"] = {"overhead_ms": 1e3 * cost.overhead * cost.times[0], "scale": cost.scale,
+                                     "step_ms_predicted_ema": 1e3 * st.step_time_predicted,
+                                     "step_ms_measured_ema": 1e3 * st.step_time_measured}
             out[system][0][c] = row
             print(f"  ours-{system} c={c}: {row['tok_s_median']:.1f} tok/s (median), TPF {row['tokens_per_forward']:.2f}, "
-                  f"rounds by stride so far {row['rounds_by_stride']}", flush=True)
+                  f"rounds by stride {row['rounds_by_stride']} {row.get('cost_model', '')}", flush=True)
     for system, llm in engines.items():
         st = llm.stats()
         out[system][2].update(tokens_per_forward=st.tokens_per_forward, acceptance_rate=st.acceptance_rate,

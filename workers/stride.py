@@ -27,7 +27,6 @@ handled without a local linearisation.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable
 
@@ -35,15 +34,34 @@ import numpy as np
 
 
 class StepCostModel:
-    """Step time (seconds) against rows in the step, piecewise linear between measured points."""
+    """Step time (seconds) against rows in the step: a calibrated forward-time curve `f` (piecewise
+    linear between measured points, the last segment extended) under an affine correction learnt
+    online from whole steps, t(rows) = overhead * f(1) + scale * f(rows).
 
-    def __init__(self, points: list[int], times: list[float], rate: float = 0.1) -> None:
+    Why this shape: the start-up calibration times forwards alone, while a step also pays the
+    scheduler, the sampler and the output processing, a cost nearly independent of rows. The policy
+    only runs a few row counts, so a correction learnt point by point would stay wrong at the row
+    counts it does not run (e.g. the 2N-1 rows of a stride it has not chosen yet), which it then
+    could never come to prefer. An offset learnt anywhere applies everywhere. `scale` (machine
+    speed drift, row-dependent costs) is held near 1 by a strong prior and moves only when the
+    steps span row counts (the policy's probes see to that). The fit is a ridge regression over
+    exponentially forgotten observations (`forget` per step), so it follows the operating point."""
+
+    def __init__(self, points: list[int], times: list[float], forget: float = 0.97,
+                 overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0) -> None:
         if len(points) != len(times) or not points or any(b <= a for a, b in zip(points, points[1:])):
             raise ValueError("points: need ascending row counts, one time each")
         self.points = [int(p) for p in points]
         self.times = [float(t) for t in times]
-        self.rate = rate
-        self._monotone()
+        for i in range(1, len(self.times)):  # more rows never cost less
+            self.times[i] = max(self.times[i], self.times[i - 1])
+        self.forget = forget
+        u = max(self.times[0], 1e-6)  # features in seconds: [f(1), f(rows)]
+        self._prior = np.array([0.0, 1.0])
+        self._ridge = np.diag([overhead_prior_weight, scale_prior_weight]) * u * u
+        self._S = np.zeros((2, 2))
+        self._s = np.zeros(2)
+        self.overhead, self.scale = 0.0, 1.0
 
     @classmethod
     def calibrate(cls, time_rows: Callable[[int], float], max_rows: int, rounds: int = 2,
@@ -68,43 +86,34 @@ class StepCostModel:
                 best[i] = min(best[i], time_rows(p))
         return cls(points, best)
 
-    def _monotone(self) -> None:
-        for i in range(1, len(self.times)):  # more rows never cost less
-            self.times[i] = max(self.times[i], self.times[i - 1])
+    def forward_time(self, rows: np.ndarray | float) -> np.ndarray:
+        """The calibrated curve f at `rows` (the last segment's slope beyond the last point)."""
+        r = np.asarray(rows, dtype=float)
+        p, t = self.points, self.times
+        f = np.interp(r, p, t)
+        if len(p) > 1:
+            beyond = r > p[-1]
+            f = np.where(beyond, t[-1] + (r - p[-1]) * (t[-1] - t[-2]) / (p[-1] - p[-2]), f)
+        return f
 
-    def _bracket(self, rows: float) -> tuple[int, float]:
-        p = self.points
-        i = min(max(bisect.bisect_right(p, rows) - 1, 0), len(p) - 2) if len(p) > 1 else 0
-        if len(p) == 1:
-            return 0, 0.0
-        return i, (rows - p[i]) / (p[i + 1] - p[i])
+    def predict_many(self, rows: np.ndarray) -> np.ndarray:
+        return np.maximum(self.overhead * self.times[0] + self.scale * self.forward_time(rows), 0.0)
 
     def predict(self, rows: float) -> float:
-        """Seconds for a step of `rows` rows (the last segment extended beyond the last point)."""
-        if len(self.points) == 1 or rows <= self.points[0]:
-            return self.times[0]
-        i, w = self._bracket(rows)
-        return self.times[i] + w * (self.times[i + 1] - self.times[i])
+        """Seconds for a step of `rows` rows."""
+        return float(self.predict_many(np.asarray([rows]))[0])
 
     def slope(self, rows: float) -> float:
-        """dt/drows at `rows` (the last segment's slope beyond the last point)."""
-        if len(self.points) == 1:
-            return 0.0
-        i, _ = self._bracket(max(rows, self.points[0]))
-        return (self.times[i + 1] - self.times[i]) / (self.points[i + 1] - self.points[i])
+        """dt/drows at `rows`."""
+        return float(self.scale * (self.forward_time(rows + 0.5) - self.forward_time(max(rows - 0.5, 0.0))))
 
     def observe(self, rows: int, seconds: float) -> None:
-        """Moves the two points around `rows` toward a measured step time."""
-        if len(self.points) == 1 or rows <= self.points[0]:
-            self.times[0] += self.rate * (seconds - self.times[0])
-        else:
-            i, w = self._bracket(rows)
-            w = min(w, 1.0)
-            err = seconds - self.predict(rows)
-            self.times[i] += self.rate * (1 - w) * err
-            self.times[i + 1] += self.rate * w * err
-        self.times = [max(t, 0.0) for t in self.times]
-        self._monotone()
+        """One measured step: refits (overhead, scale) to the forgotten observations and the prior."""
+        x = np.array([self.times[0], float(self.forward_time(rows))])
+        self._S = self.forget * self._S + np.outer(x, x)
+        self._s = self.forget * self._s + x * seconds
+        theta = np.linalg.solve(self._S + self._ridge, self._s + self._ridge @ self._prior)
+        self.overhead, self.scale = float(theta[0]), max(float(theta[1]), 0.05)
 
 
 class AcceptanceEstimator:
@@ -184,8 +193,10 @@ class StridePolicy:
         self.cost = cost
         self.acceptance = acceptance or AcceptanceEstimator(max(max_stride - 1, 1))
         # Exploration: the cost model only learns at the row counts it runs, and acceptance only
-        # where drafts are verified. Every `probe_every` steps the choice is perturbed: an AR step
-        # when it chose drafting (cheap: fewer rows), else stride 2 for up to `probe_requests`.
+        # where drafts are verified. Every `probe_every` steps the choice is perturbed, down and up
+        # in turn: down, an AR step when it chose drafting (else stride 2 for up to
+        # `probe_requests`); up, one stride longer for up to `probe_requests` requests (the rows
+        # of a stride it does not run, which it could otherwise never learn are cheap).
         self.probe_every = probe_every
         self.probe_requests = probe_requests
         self._calls = 0
@@ -208,17 +219,17 @@ class StridePolicy:
         cols = np.arange(B + 1)[None]
         rows = other_rows + R[cols, choice][:, :B].sum(1)  # [G]
         tokens = E[cols, choice][:, :B].sum(1)
-        t = np.interp(rows, self.cost.points, self.cost.times)
-        beyond = rows > self.cost.points[-1]
-        if beyond.any():  # np.interp clamps: extend the last segment instead
-            t[beyond] = [self.cost.predict(r) for r in rows[beyond]]
+        t = self.cost.predict_many(rows)
         best_choice = choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))]
         strides = (best_choice + 1).tolist()
         self._calls += 1
         if self.probe_every and B and self._calls % self.probe_every == 0:
-            if any(n > 1 for n in strides[:B]):
+            k = self._calls // self.probe_every
+            longer = [i for i in range(B) if strides[i] < N]
+            if k % 2 == 0 and any(n > 1 for n in strides[:B]):
                 strides[:B] = [1] * B
-            else:
-                for i in range(min(B, self.probe_requests)):
-                    strides[(self._calls // self.probe_every + i) % B] = 2
+            elif longer:
+                for j in range(min(len(longer), self.probe_requests)):
+                    i = longer[(k + j) % len(longer)]
+                    strides[i] += 1
         return strides[:B], strides[B]

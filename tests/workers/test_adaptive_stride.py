@@ -99,9 +99,50 @@ def test_cost_model_interpolates_calibrates_and_refines():
     for _ in range(200):  # the machine got slower at 40 rows: the model follows
         m.observe(40, 0.1)
     assert m.predict(40) == pytest.approx(0.1, rel=0.02)
-    assert all(b >= a for a, b in zip(m.times, m.times[1:]))  # still monotone
+    pred = [m.predict(r) for r in range(1, 200)]
+    assert all(b >= a for a, b in zip(pred, pred[1:]))  # still monotone
+    for _ in range(300):  # steps at 4 and 64 rows twice as dear as forwards: the scale follows
+        m.observe(4, 2 * fake(4))
+        m.observe(64, 2 * fake(64))
+    assert m.scale == pytest.approx(2.0, rel=0.1) and m.predict(16) == pytest.approx(2 * fake(16), rel=0.05)
     with pytest.raises(ValueError, match="points"):
         StepCostModel([4, 2], [0.1, 0.2])
+
+
+def test_step_overhead_learnt_at_run_row_counts_reaches_the_others():
+    """Calibration times forwards alone; steps also pay a row-independent overhead. Observed only at
+    the row counts the policy runs, it must still lift the points it does not run, so the policy
+    learns that long strides are relatively cheaper and moves to them."""
+    def forward(r):
+        return 0.02 + 0.003 * r
+
+    def step(r):
+        return forward(r) + 0.05
+
+    m = StepCostModel.calibrate(forward, 64)
+    for _ in range(300):  # a stride-2 steady state: cold (2 rows) and verify (3 rows) rounds
+        m.observe(2, step(2))
+        m.observe(3, step(3))
+    for r in (1, 7, 16):
+        assert m.predict(r) == pytest.approx(step(r), rel=0.05)
+
+
+def test_policy_moves_to_the_stride_whole_steps_favour():
+    def forward(r):
+        return 0.02 + 0.003 * r
+
+    acc = AcceptanceEstimator(3, prior=0.7, prior_weight=1e6)
+    pol = StridePolicy(4, adaptive=True, cost=StepCostModel.calibrate(forward, 64), acceptance=acc)
+    state = acc.new_state()
+    assert pol.choose([state])[0][0] < 4  # forwards alone: the 7-row block looks dear
+    seen = set()
+    for i in range(400):
+        (n,), _ = pol.choose([state])
+        seen.add(n)
+        rows = n if i % 2 else 2 * n - 1  # cold and verify rounds in turn
+        pol.cost.observe(rows, forward(rows) + 0.05)  # whole steps: the overhead on every one
+    pol.probe_every = 0
+    assert pol.choose([state])[0] == [4] and 4 in seen
 
 
 def test_acceptance_estimate_starts_at_the_engine_prior_and_moves_to_the_request():
