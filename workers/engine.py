@@ -104,7 +104,7 @@ class LLMEngine:
             # A short start-up calibration of step time against rows (refined online by `step`).
             max_rows = min(config.max_num_batched_tokens, config.max_num_seqs * (2 * config.stride - 1),
                            config.num_blocks * config.kv_block_size)
-            self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1))
+            self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1), masks=True)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy)
         eos = list(mcfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -228,9 +228,10 @@ class LLMEngine:
         # Decode-like steps (most rows need logits) are where the cost model is used: they refine
         # it, and their prediction and measurement are tracked side by side (moving averages).
         decode_like = cost is not None and 2 * runner_out.logits.shape[0] >= rows
-        predicted = cost.predict(rows) if decode_like else 0.0
+        masks = sum(it.num_masks for it in sched.items)
+        predicted = cost.predict(rows, masks) if decode_like else 0.0
         if decode_like:
-            cost.observe(rows, elapsed)
+            cost.observe(rows, elapsed, masks)
         with self.stats as (st, obs):
             st.steps += 1
             st.preemptions += len(sched.preempted)

@@ -34,21 +34,25 @@ import numpy as np
 
 
 class StepCostModel:
-    """Step time (seconds) against rows in the step: a calibrated forward-time curve `f` (piecewise
-    linear between measured points, the last segment extended) under an affine correction learnt
-    online from whole steps, t(rows) = overhead * f(1) + scale * f(rows).
+    """Step time (seconds) against the rows in the step and how many of them are MASK rows: a
+    calibrated forward-time curve `f` of clean rows (piecewise linear between measured points, the
+    last segment extended) under a linear correction learnt online from whole steps,
+        t(rows, masks) = overhead * f(1) + scale * f(rows) + mask_cost * masks.
 
     Why this shape: the start-up calibration times forwards alone, while a step also pays the
     scheduler, the sampler and the output processing, a cost nearly independent of rows. The policy
     only runs a few row counts, so a correction learnt point by point would stay wrong at the row
     counts it does not run (e.g. the 2N-1 rows of a stride it has not chosen yet), which it then
-    could never come to prefer. An offset learnt anywhere applies everywhere. `scale` (machine
-    speed drift, row-dependent costs) is held near 1 by a strong prior and moves only when the
-    steps span row counts (the policy's probes see to that). The fit is a ridge regression over
-    exponentially forgotten observations (`forget` per step), so it follows the operating point."""
+    could never come to prefer. An offset learnt anywhere applies everywhere. MASK rows cost more
+    than clean rows (the gated LoRA's products and adds): `mask_cost` starts at its calibrated
+    value and is refitted from steps with and without them. `scale` (machine speed drift,
+    row-dependent costs) is held near 1 by a strong prior and moves only when the steps span row
+    counts (the policy's probes see to that). The fit is a ridge regression over exponentially
+    forgotten observations (`forget` per step), so it follows the operating point."""
 
-    def __init__(self, points: list[int], times: list[float], forget: float = 0.97,
-                 overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0) -> None:
+    def __init__(self, points: list[int], times: list[float], mask_cost: float = 0.0, forget: float = 0.97,
+                 overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0,
+                 mask_prior_weight: float = 1.0) -> None:
         if len(points) != len(times) or not points or any(b <= a for a, b in zip(points, points[1:])):
             raise ValueError("points: need ascending row counts, one time each")
         self.points = [int(p) for p in points]
@@ -56,22 +60,25 @@ class StepCostModel:
         for i in range(1, len(self.times)):  # more rows never cost less
             self.times[i] = max(self.times[i], self.times[i - 1])
         self.forget = forget
-        u = max(self.times[0], 1e-6)  # features in seconds: [f(1), f(rows)]
-        self._prior = np.array([0.0, 1.0])
-        self._ridge = np.diag([overhead_prior_weight, scale_prior_weight]) * u * u
-        self._S = np.zeros((2, 2))
-        self._s = np.zeros(2)
-        self.overhead, self.scale = 0.0, 1.0
+        u = self._unit = max(self.times[0], 1e-6)  # features in seconds: [f(1), f(rows), masks * f(1)]
+        self._prior = np.array([0.0, 1.0, max(mask_cost, 0.0) / u])
+        self._ridge = np.diag([overhead_prior_weight, scale_prior_weight, mask_prior_weight]) * u * u
+        self._S = np.zeros((3, 3))
+        self._s = np.zeros(3)
+        self.overhead, self.scale, self.mask_cost = 0.0, 1.0, max(mask_cost, 0.0)
 
     @classmethod
-    def calibrate(cls, time_rows: Callable[[int], float], max_rows: int, rounds: int = 2,
-                  max_seconds: float = 0.3) -> StepCostModel:
-        """Times `time_rows(r)` (one forward of r rows, seconds) at r = 1, 2, 4, ... up to `max_rows`
-        (or until one forward takes `max_seconds`; beyond, the last slope is extended). One
-        untimed pass first (lazy weight packing, first touch of the KV pages), then `rounds`
-        interleaved passes; each point keeps its minimum (timing noise only ever adds)."""
+    def calibrate(cls, time_rows: Callable[..., float], max_rows: int, rounds: int = 2,
+                  max_seconds: float = 0.3, masks: bool = False) -> StepCostModel:
+        """Times `time_rows(r)` (one forward of r clean rows, seconds) at r = 1, 2, 4, ... up to
+        `max_rows` (or until one forward takes `max_seconds`; beyond, the last slope is extended).
+        One untimed pass first (lazy weight packing, first touch of the KV pages), then `rounds`
+        interleaved passes; each point keeps its minimum (timing noise only ever adds). `masks`:
+        also time `time_rows(7, 3)` (an N=4 verify block) for the extra cost of a MASK row."""
+        block = masks and max_rows >= 7  # an N=4 verify block: 4 clean rows and 3 MASK rows
         time_rows(1)  # warm-up: lazy weight packing (slow once), so it cannot end the sweep early
-        time_rows(min(7, max_rows))  # the same for the weights merged with LoRA A (MASK rows)
+        if block:
+            time_rows(7, 3)  # the same for the weights merged with LoRA A
         points, r = [], 1
         while r <= max_rows:
             points.append(r)
@@ -80,11 +87,15 @@ class StepCostModel:
             r *= 2
         if points[-1] < max_rows and r > max_rows and time_rows(max_rows) <= max_seconds:
             points.append(max_rows)
-        best = [math.inf] * len(points)
+        best, with_masks = [math.inf] * len(points), math.inf
         for _ in range(rounds):
             for i, p in enumerate(points):
                 best[i] = min(best[i], time_rows(p))
-        return cls(points, best)
+            if block:
+                with_masks = min(with_masks, time_rows(7, 3))
+        if not block:
+            return cls(points, best)
+        return cls(points, best, mask_cost=float(with_masks - cls(points, best).forward_time(7)) / 3)
 
     def forward_time(self, rows: np.ndarray | float) -> np.ndarray:
         """The calibrated curve f at `rows` (the last segment's slope beyond the last point)."""
@@ -96,24 +107,27 @@ class StepCostModel:
             f = np.where(beyond, t[-1] + (r - p[-1]) * (t[-1] - t[-2]) / (p[-1] - p[-2]), f)
         return f
 
-    def predict_many(self, rows: np.ndarray) -> np.ndarray:
-        return np.maximum(self.overhead * self.times[0] + self.scale * self.forward_time(rows), 0.0)
+    def predict_many(self, rows: np.ndarray, masks: np.ndarray | float = 0.0) -> np.ndarray:
+        t = self.overhead * self._unit + self.scale * self.forward_time(rows) + self.mask_cost * np.asarray(masks)
+        return np.maximum(t, 0.0)
 
-    def predict(self, rows: float) -> float:
-        """Seconds for a step of `rows` rows."""
-        return float(self.predict_many(np.asarray([rows]))[0])
+    def predict(self, rows: float, masks: float = 0.0) -> float:
+        """Seconds for a step of `rows` rows, `masks` of them MASK rows."""
+        return float(self.predict_many(np.asarray([rows]), masks)[0])
 
     def slope(self, rows: float) -> float:
-        """dt/drows at `rows`."""
+        """dt/drows at `rows` (clean rows)."""
         return float(self.scale * (self.forward_time(rows + 0.5) - self.forward_time(max(rows - 0.5, 0.0))))
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """One measured step: refits (overhead, scale) to the forgotten observations and the prior."""
-        x = np.array([self.times[0], float(self.forward_time(rows))])
+    def observe(self, rows: int, seconds: float, masks: int = 0) -> None:
+        """One measured step: refits (overhead, scale, mask_cost) to the forgotten observations and
+        the prior."""
+        u = self._unit
+        x = np.array([u, float(self.forward_time(rows)), masks * u])
         self._S = self.forget * self._S + np.outer(x, x)
         self._s = self.forget * self._s + x * seconds
         theta = np.linalg.solve(self._S + self._ridge, self._s + self._ridge @ self._prior)
-        self.overhead, self.scale = float(theta[0]), max(float(theta[1]), 0.05)
+        self.overhead, self.scale, self.mask_cost = float(theta[0]), max(float(theta[1]), 0.05), max(float(theta[2]) * u, 0.0)
 
 
 class AcceptanceEstimator:
@@ -212,6 +226,7 @@ class StridePolicy:
         tables = [value_table(r, N) for r in rates]
         E = np.stack([t[0] for t in tables])  # [B+1, N]; the last row: a new request (not counted)
         R = np.stack([t[1] for t in tables])
+        M = np.broadcast_to(np.arange(N, dtype=float), E.shape)  # [B+1, N]: MASK rows at stride n = n-1
         B = len(states)
         # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
         # its convex hull); the allocation with the best exact tokens/second over the grid wins.
@@ -219,7 +234,8 @@ class StridePolicy:
         cols = np.arange(B + 1)[None]
         rows = other_rows + R[cols, choice][:, :B].sum(1)  # [G]
         tokens = E[cols, choice][:, :B].sum(1)
-        t = self.cost.predict_many(rows)
+        masks = (M[cols, choice][:, :B]).sum(1)  # n-1 MASK rows a round at stride n > 1
+        t = self.cost.predict_many(rows, masks)
         best_choice = choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))]
         strides = (best_choice + 1).tolist()
         self._calls += 1

@@ -87,12 +87,14 @@ def test_round_value_is_the_papers_tpf_formula():
 def test_cost_model_interpolates_calibrates_and_refines():
     calls = []
 
-    def fake(rows):
+    def fake(rows, masks=0):
         calls.append(rows)
-        return 0.01 + 0.001 * rows
+        return 0.01 + 0.001 * rows + 0.002 * masks
 
-    m = StepCostModel.calibrate(fake, 100)
+    m = StepCostModel.calibrate(fake, 100, masks=True)
     assert m.points == [1, 2, 4, 8, 16, 32, 64, 100] and calls[:2] == [1, 7]  # warm-ups first
+    assert m.mask_cost == pytest.approx(0.002)  # from the 7-row block with 3 MASK rows
+    assert m.predict(7, 3) == pytest.approx(fake(7, 3))
     assert m.predict(50) == pytest.approx(0.06)
     assert m.slope(50) == pytest.approx(0.001)
     assert m.predict(200) == pytest.approx(0.21)  # extrapolated on the last slope
@@ -125,6 +127,21 @@ def test_step_overhead_learnt_at_run_row_counts_reaches_the_others():
         m.observe(3, step(3))
     for r in (1, 7, 16):
         assert m.predict(r) == pytest.approx(step(r), rel=0.05)
+
+
+def test_mask_row_cost_is_learnt_from_steps_with_and_without_them():
+    """Calibrated at no extra cost per MASK row, steps show 25 ms each: the fit finds it, and the
+    policy, which knows a stride-n round carries n-1 MASK rows, stops drafting."""
+    pts, flat = [1, 2, 4, 8, 16, 64], [0.05] * 6
+    pol = _policy(flat, pts, 0.6)
+    state = pol.acceptance.new_state()
+    assert pol.choose([state])[0] == [4]
+    for i in range(300):
+        masks = 3 * (i % 2)
+        pol.cost.observe(4, 0.05 + 0.025 * masks, masks)
+    assert pol.cost.mask_cost == pytest.approx(0.025, rel=0.05)
+    pol.probe_every = 0
+    assert pol.choose([state])[0] == [1]
 
 
 def test_policy_moves_to_the_stride_whole_steps_favour():

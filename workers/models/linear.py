@@ -137,28 +137,28 @@ class LoRALinear(nn.Linear):
 
     def _forward_tail_rows(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         """The engine's path: the MASK rows are one slice of the flat batch."""
+        if rows.indices(x.shape[0])[0] >= x.shape[0]:
+            # No MASK rows this step (an AR round of the adaptive stride): the base weight alone,
+            # not the one with LoRA A under it (its extra columns cost ~4.5% of SmolLM2's GEMMs).
+            # The price: an R-ISD engine that runs both kinds of steps keeps both packed copies.
+            return self._base(x)
         a, b = self._fused_lora()
         merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 else None
-        empty = rows.indices(x.shape[0])[0] >= x.shape[0]  # no MASK rows this step
-        if empty and merged is None:
-            return self._base(x)
         if merged is not None:
             # One oneDNN GEMM against [W; A]: the base output and every row's x @ A^T (the clean
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
             # `out` columns are bit-identical to the product with W alone (each output column is
             # its own dot product); tests/workers/test_lean_forward.py checks this.
             full = torch.ops.mkldnn._linear_pointwise(x.contiguous(), merged, self.bias_with_lora_a(), "none", [], "")
-            # (An engine serving only R-ISD thus keeps one packed copy per weight: this one.)
             y, xa = full[:, : self.out_features], full[rows, self.out_features :]
         else:
             y, xa = self._base(x), F.linear(x[rows], a)
-        if not empty:
-            # One add per slice into the MASK rows only, against that slice's B^T alone: the fused
-            # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
-            # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
-            ym = y[rows]
-            for lo, hi, c0, c1, bt in self._lora_b_slices():
-                ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
+        # One add per slice into the MASK rows only, against that slice's B^T alone: the fused
+        # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
+        # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
+        ym = y[rows]
+        for lo, hi, c0, c1, bt in self._lora_b_slices():
+            ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
         return y
 
     def _lora_b_slices(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
