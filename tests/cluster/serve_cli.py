@@ -58,19 +58,23 @@ def tiny_args(model_dir: str, replicas: int, max_ongoing: int, **overrides) -> d
     """A tiny ISD app (N=4) with Serve's power-of-two router (the load's prompts share a template
     prefix that the prefix router would rightly keep on one replica; these tests are about
     replicas coming and going)."""
-    return {"model": model_dir, "served_model_name": "tiny", "mode": "isd", "stride": 4, "max_model_len": 1024,
-            "kv_cache_tokens": 8192, "max_num_seqs": 32, "router": {"policy": "pow2"},
+    return {"model": model_dir, "served_model_name": "tiny", "mode": "isd", "stride": 4, "max_model_len": 2048,
+            "kv_cache_tokens": 16384, "max_num_seqs": 32, "router": {"policy": "pow2"},
             "replica": {"num_replicas": replicas, "max_ongoing_requests": max_ongoing, "max_queued_requests": 256,
                         "health_check_period_s": 2, "ray_actor_options": {"num_cpus": 1}},
             **overrides}
 
 
-def write_config(path: Path, app: str, args: dict, http_port: int) -> Path:
-    """A Serve config file as deploy/idlm.yaml lays it out (one app, `cluster.app:build_app`)."""
+def write_config(path: Path, app: str, args: dict, http_port: int, deployments: list[dict] | None = None) -> Path:
+    """A Serve config file as deploy/idlm.yaml lays it out (one app, `cluster.app:build_app`);
+    `deployments`: Serve's per-deployment overrides (e.g. `[{name: EngineReplica, num_replicas: 3}]`)."""
+    entry = {"name": app, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args}
+    if deployments:
+        entry["deployments"] = deployments
     path.write_text(yaml.safe_dump({
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": http_port},
-        "applications": [{"name": app, "route_prefix": "/", "import_path": "cluster.app:build_app", "args": args}],
+        "applications": [entry],
     }, sort_keys=False))
     return path
 

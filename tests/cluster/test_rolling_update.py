@@ -8,8 +8,10 @@ with long streams open on the replicas being replaced:
 1. a changed engine argument (`max_num_seqs`), 1 -> 2 engine replicas and `max_ongoing_requests`
    8 -> 16: new `args`, so Serve replaces every replica of both deployments (engine and ingress)
    by a rolling update;
-2. back to 1 replica with `max_ongoing_requests` 12: Serve stops one replica with its streams open
-   (a scale-down).
+2. back to 1 replica with `max_ongoing_requests` 12, given in the config's `deployments:` section
+   (Serve's per-deployment overrides; the args unchanged): a lightweight update, no restart, and
+   Serve stops one replica with its streams open (a scale-down). (Any change of `args`, even of
+   `replica.num_replicas`, is a new code version to Serve: every replica restarts.)
 
 No accepted request is dropped: every one ends with 200, `finish_reason` `length` and exactly
 `max_tokens` tokens (`ignore_eos`), streams with `[DONE]` after their usage chunk. Streams that
@@ -53,8 +55,8 @@ def head(monkeypatch):
         yield node
 
 
-def _deploy(head: RayNode, path: Path, args: dict, port: int) -> float:
-    write_config(path, APP, args, port)
+def _deploy(head: RayNode, path: Path, args: dict, port: int, deployments: list[dict] | None = None) -> float:
+    write_config(path, APP, args, port, deployments)
     t = time.monotonic()
     serve_cli("deploy", str(path), "-a", head.dashboard_address)
     return t
@@ -95,19 +97,21 @@ def test_serve_deploy_under_load_drops_nothing(head, tmp_path):
     assert not set(v1) & set(v2), (v1, v2)  # replaced, not kept
     time.sleep(3)
 
-    # update 2: scale down to 1 (one replica stopped with streams open), max_ongoing 16 -> 12
+    # update 2, through Serve's per-deployment overrides (the app's args unchanged, so no restart):
+    # scale down to 1 (one replica stopped with streams open), max_ongoing 16 -> 12
     long2 = _long_streams(load, 4, long_tokens, 30_000)
     time.sleep(2)
-    t_u2 = _deploy(head, tmp_path / "v3.yaml", tiny_args(model, 1, 12, max_num_seqs=24), port)
+    t_u2 = _deploy(head, tmp_path / "v3.yaml", tiny_args(model, 2, 16, max_num_seqs=24), port,
+                   [{"name": "EngineReplica", "num_replicas": 1, "max_ongoing_requests": 12}])
     v3 = engine_replicas(wait_deployed(dash, APP, replicas=1, max_ongoing=12, seen=seen))
     u2_s = time.monotonic() - t_u2
     assert set(v3) < set(v2), (v2, v3)
     time.sleep(3)
     outs = load.stop()
 
-    cfg = yaml.safe_load(serve_cli("config", "-a", dash))
-    assert cfg["applications"][0]["args"]["replica"]["num_replicas"] == 1
-    assert cfg["applications"][0]["args"]["replica"]["max_ongoing_requests"] == 12
+    (cfg,) = [d for d in yaml.safe_load_all(serve_cli("config", "-a", dash)) if d and d.get("name") == APP]
+    assert cfg["args"]["max_num_seqs"] == 24
+    assert cfg["deployments"] == [{"name": "EngineReplica", "num_replicas": 1, "max_ongoing_requests": 12}]
 
     by = Counter(o.cls for _, o, _, _ in outs)
     bad = [(s.i, o.cls, o.status, o.why) for s, o, _, _ in outs if o.cls != "ok"]
