@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: setup
-	$(VENV)/bin/serve run deploy/idlm.yaml
+	# = `serve run deploy/idlm.yaml`, but SIGTERM / Ctrl-C let in-flight requests finish first (cluster/serve_run.py)
+	$(PY) -m cluster.serve_run run deploy/idlm.yaml
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -41,6 +41,8 @@ class Spec:
     """Close the stream after this many content chunks (a client going away)."""
     greedy_key: int | None = None
     """Index of the solo reference a greedy request must match."""
+    ignore_eos: bool = False
+    """Generate exactly `max_tokens` (finish_reason `length`): a stream of a known length."""
 
     def body(self, model: str) -> dict:
         b = {"model": model, "max_tokens": self.max_tokens, "temperature": self.temperature, "stream": self.stream}
@@ -54,6 +56,8 @@ class Spec:
             b["seed"] = self.seed
         if self.stop:
             b["stop"] = self.stop
+        if self.ignore_eos:
+            b["ignore_eos"] = True
         return b
 
 
@@ -108,6 +112,8 @@ def _check(spec: Spec, text: str, finish: str | None, usage: dict | None) -> str
     ct, pt = usage.get("completion_tokens"), usage.get("prompt_tokens")
     if not pt or ct is None or usage.get("total_tokens") != pt + ct or ct > spec.max_tokens:
         return f"usage {usage}"
+    if spec.ignore_eos and finish != "length":
+        return f"finish_reason {finish!r} with ignore_eos"
     if finish == "length" and ct != spec.max_tokens:
         return f"finish length with {ct} of {spec.max_tokens} tokens"
     if spec.stop and any(s in text for s in spec.stop):

@@ -33,5 +33,5 @@ def build_app(args: dict | None = None) -> serve.Application:
     if router is not None:
         opts["request_router_config"] = RequestRouterConfig(**router)
     replica = EngineReplica.options(name="EngineReplica", **opts).bind(raw)
-    ingress = OpenAIIngress.options(name="OpenAIIngress", **cfg.ingress.deployment_options())
+    ingress = OpenAIIngress.options(name="OpenAIIngress", **cfg.ingress.deployment_options(cfg.replica.graceful_shutdown_timeout_s))
     return ingress.bind(raw, replica)

@@ -19,6 +19,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
       max_ongoing_requests: 32
       max_queued_requests: 64
       ray_actor_options: {num_cpus: 1, num_gpus: 0}
+      graceful_shutdown_timeout_s: 60   # in-flight streams drain this long when Serve stops a replica
     router:
       policy: prefix          # prefix (cache- and load-aware, cluster.router) | pow2 (Serve's default)
 """
@@ -84,7 +85,12 @@ class ReplicaOptions(_Strict):
     ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
+    graceful_shutdown_wait_loop_s: float = Field(2.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
+    """A replica that Serve stops (rolling update, scale-down, `serve.delete`, idlm-serve run's
+    SIGTERM drain) first waits for its in-flight requests, streams included, checking every
+    `graceful_shutdown_wait_loop_s`; only after this long are the rest cut (an in-band SSE error /
+    503). Set it above the longest generation you serve (Serve's own default is 20 s)."""
 
     @model_validator(mode="after")
     def _one_of(self) -> ReplicaOptions:
@@ -99,6 +105,7 @@ class ReplicaOptions(_Strict):
             "ray_actor_options": self.ray_actor_options.model_dump(),
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
         if self.autoscaling_config is not None:
@@ -115,13 +122,21 @@ class IngressOptions(_Strict):
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(512, ge=0)
     ray_actor_options: ActorOptions = Field(default_factory=lambda: ActorOptions(num_cpus=0.1))
+    graceful_shutdown_wait_loop_s: float = Field(2.0, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(None, ge=0)
+    """As the replica's; None: the replica's + 10 s. An ingress replica being stopped keeps relaying
+    its open streams, and outliving the engine replicas lets it turn a stream they cut at their
+    timeout into a clean in-band error event instead of a dropped connection."""
 
-    def deployment_options(self) -> dict:
+    def deployment_options(self, replica_graceful_s: float) -> dict:
+        graceful_s = self.graceful_shutdown_timeout_s
         return {
             "num_replicas": self.num_replicas,
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
             "ray_actor_options": self.ray_actor_options.model_dump(),
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": replica_graceful_s + 10.0 if graceful_s is None else graceful_s,
         }
 
 

@@ -30,16 +30,22 @@ ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"
 
 class RayNode:
     def __init__(self, temp_dir: str, address: str | None = None, num_cpus: int = 2,
-                 resources: dict | None = None) -> None:
+                 resources: dict | None = None, dashboard: bool = False) -> None:
         self.temp_dir, self.head_address = temp_dir, address
         self.num_cpus, self.resources = num_cpus, resources or {}
         self.port = free_port() if address is None else None
+        # The dashboard (head only) serves Serve's REST API, which `serve deploy` / `serve status` use.
+        self.dashboard_port = free_port() if dashboard and address is None else None
         self.proc: subprocess.Popen | None = None
         self.log = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}" if self.port else self.head_address
+
+    @property
+    def dashboard_address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def _cmd(self) -> list[str]:
         ray = str(Path(sys.executable).with_name("ray"))
@@ -50,8 +56,9 @@ class RayNode:
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                "--disable-usage-stats"]
         if self.head_address is None:
-            return [*cmd, "--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
-                    "--include-dashboard=false"]
+            dash = (["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
+                    if self.dashboard_port else ["--include-dashboard=false"])
+            return [*cmd, "--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}", *dash]
         return [*cmd, f"--address={self.head_address}"]
 
     def start(self, timeout: float = 120.0) -> RayNode:

@@ -100,6 +100,30 @@ def test_build_app_options():
     assert replica.max_queued_requests == 7 and replica.ray_actor_options["num_cpus"] == 0.5
 
 
+def test_graceful_shutdown_options():
+    """Serve stops replicas (rolling update, scale-down, idlm-serve run's SIGTERM drain) after their
+    in-flight streams, up to `graceful_shutdown_timeout_s`: 60 s by default (it was 5 s, which cut
+    streams on a rolling update: tests/cluster/test_rolling_update.py), and the ingress outlives
+    the engine replicas by 10 s unless set."""
+    from cluster.app import build_app
+
+    def deployments(args):
+        ingress = build_app(args)._bound_deployment
+        return ingress, ingress.init_args[1]._bound_deployment
+
+    ingress, replica = deployments({})
+    assert replica._deployment_config.graceful_shutdown_timeout_s == 60.0
+    assert replica._deployment_config.graceful_shutdown_wait_loop_s == 2.0
+    assert ingress._deployment_config.graceful_shutdown_timeout_s == 70.0
+    ingress, replica = deployments({"replica": {"graceful_shutdown_timeout_s": 300, "graceful_shutdown_wait_loop_s": 1},
+                                    "ingress": {"graceful_shutdown_wait_loop_s": 0.5}})
+    assert (replica._deployment_config.graceful_shutdown_timeout_s, ingress._deployment_config.graceful_shutdown_timeout_s) == (300, 310)
+    assert (replica._deployment_config.graceful_shutdown_wait_loop_s, ingress._deployment_config.graceful_shutdown_wait_loop_s) == (1, 0.5)
+    assert deployments({"ingress": {"graceful_shutdown_timeout_s": 30}})[0]._deployment_config.graceful_shutdown_timeout_s == 30
+    with pytest.raises(ValueError, match="replica.graceful_shutdown_timeout_s"):
+        build_app({"replica": {"graceful_shutdown_timeout_s": -1}})
+
+
 def test_router_and_prefix_cache_options():
     """`router.policy: prefix` gives the replica deployment our RequestRouter (kwargs carry the
     policy's settings and the metric labels); `pow2` leaves Serve's default; the prefix cache
