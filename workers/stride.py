@@ -37,22 +37,24 @@ class StepCostModel:
     """Step time (seconds) against the rows in the step and how many of them are MASK rows: a
     calibrated forward-time curve `f` of clean rows (piecewise linear between measured points, the
     last segment extended) under a linear correction learnt online from whole steps,
-        t(rows, masks) = overhead * f(1) + scale * f(rows) + mask_cost * masks.
+        t(rows, masks) = overhead * f(1) + scale * f(rows) + lora_cost * [masks > 0] + mask_cost * masks.
 
     Why this shape: the start-up calibration times forwards alone, while a step also pays the
     scheduler, the sampler and the output processing, a cost nearly independent of rows. The policy
     only runs a few row counts, so a correction learnt point by point would stay wrong at the row
     counts it does not run (e.g. the 2N-1 rows of a stride it has not chosen yet), which it then
     could never come to prefer. An offset learnt anywhere applies everywhere. MASK rows cost more
-    than clean rows (the gated LoRA's products and adds): `mask_cost` starts at its calibrated
-    value and is refitted from steps with and without them. `scale` (machine speed drift,
+    than clean rows: a step with any pays the gated LoRA's weight reads once (`lora_cost`: the
+    GEMM against the weight with LoRA A under it, one small B product per slice and layer, whatever
+    the count at a few rows), and each one a little more (`mask_cost`). Both start at their
+    calibrated values and are refitted from steps with and without MASK rows. `scale` (machine speed drift,
     row-dependent costs) is held near 1 by a strong prior and moves only when the steps span row
     counts (the policy's probes see to that). The fit is a ridge regression over exponentially
     forgotten observations (`forget` per step), so it follows the operating point."""
 
-    def __init__(self, points: list[int], times: list[float], mask_cost: float = 0.0, forget: float = 0.97,
-                 overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0,
-                 mask_prior_weight: float = 1.0) -> None:
+    def __init__(self, points: list[int], times: list[float], mask_cost: float = 0.0, lora_cost: float = 0.0,
+                 forget: float = 0.97, overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0,
+                 mask_prior_weight: float = 0.3) -> None:
         if len(points) != len(times) or not points or any(b <= a for a, b in zip(points, points[1:])):
             raise ValueError("points: need ascending row counts, one time each")
         self.points = [int(p) for p in points]
@@ -60,12 +62,14 @@ class StepCostModel:
         for i in range(1, len(self.times)):  # more rows never cost less
             self.times[i] = max(self.times[i], self.times[i - 1])
         self.forget = forget
-        u = self._unit = max(self.times[0], 1e-6)  # features in seconds: [f(1), f(rows), masks * f(1)]
-        self._prior = np.array([0.0, 1.0, max(mask_cost, 0.0) / u])
-        self._ridge = np.diag([overhead_prior_weight, scale_prior_weight, mask_prior_weight]) * u * u
-        self._S = np.zeros((3, 3))
-        self._s = np.zeros(3)
-        self.overhead, self.scale, self.mask_cost = 0.0, 1.0, max(mask_cost, 0.0)
+        # features in seconds: [f(1), f(rows), f(1) * [masks > 0], f(1) * masks]
+        u = self._unit = max(self.times[0], 1e-6)
+        self._prior = np.array([0.0, 1.0, max(lora_cost, 0.0) / u, max(mask_cost, 0.0) / u])
+        self._ridge = np.diag([overhead_prior_weight, scale_prior_weight, mask_prior_weight, mask_prior_weight]) * u * u
+        self._S = np.zeros((4, 4))
+        self._s = np.zeros(4)
+        self.overhead, self.scale = 0.0, 1.0
+        self.lora_cost, self.mask_cost = max(lora_cost, 0.0), max(mask_cost, 0.0)
 
     @classmethod
     def calibrate(cls, time_rows: Callable[..., float], max_rows: int, rounds: int = 2,
@@ -74,7 +78,8 @@ class StepCostModel:
         `max_rows` (or until one forward takes `max_seconds`; beyond, the last slope is extended).
         One untimed pass first (lazy weight packing, first touch of the KV pages), then `rounds`
         interleaved passes; each point keeps its minimum (timing noise only ever adds). `masks`:
-        also time `time_rows(7, 3)` (an N=4 verify block) for the extra cost of a MASK row."""
+        also time 7-row blocks with 1 and 3 MASK rows (`time_rows(7, m)`: an N=4 verify block is
+        4 clean + 3 MASK) for the cost of a step with MASK rows and of each one."""
         block = masks and max_rows >= 7  # an N=4 verify block: 4 clean rows and 3 MASK rows
         time_rows(1)  # warm-up: lazy weight packing (slow once), so it cannot end the sweep early
         if block:
@@ -87,15 +92,17 @@ class StepCostModel:
             r *= 2
         if points[-1] < max_rows and r > max_rows and time_rows(max_rows) <= max_seconds:
             points.append(max_rows)
-        best, with_masks = [math.inf] * len(points), math.inf
+        best, one, three = [math.inf] * len(points), math.inf, math.inf
         for _ in range(rounds):
             for i, p in enumerate(points):
                 best[i] = min(best[i], time_rows(p))
             if block:
-                with_masks = min(with_masks, time_rows(7, 3))
+                one, three = min(one, time_rows(7, 1)), min(three, time_rows(7, 3))
         if not block:
             return cls(points, best)
-        return cls(points, best, mask_cost=float(with_masks - cls(points, best).forward_time(7)) / 3)
+        per_mask = max((three - one) / 2, 0.0)
+        lora = max(one - float(cls(points, best).forward_time(7)) - per_mask, 0.0)
+        return cls(points, best, mask_cost=per_mask, lora_cost=lora)
 
     def forward_time(self, rows: np.ndarray | float) -> np.ndarray:
         """The calibrated curve f at `rows` (the last segment's slope beyond the last point)."""
@@ -108,7 +115,9 @@ class StepCostModel:
         return f
 
     def predict_many(self, rows: np.ndarray, masks: np.ndarray | float = 0.0) -> np.ndarray:
-        t = self.overhead * self._unit + self.scale * self.forward_time(rows) + self.mask_cost * np.asarray(masks)
+        m = np.asarray(masks, dtype=float)
+        t = (self.overhead * self._unit + self.scale * self.forward_time(rows) + self.lora_cost * (m > 0)
+             + self.mask_cost * m)
         return np.maximum(t, 0.0)
 
     def predict(self, rows: float, masks: float = 0.0) -> float:
@@ -120,14 +129,15 @@ class StepCostModel:
         return float(self.scale * (self.forward_time(rows + 0.5) - self.forward_time(max(rows - 0.5, 0.0))))
 
     def observe(self, rows: int, seconds: float, masks: int = 0) -> None:
-        """One measured step: refits (overhead, scale, mask_cost) to the forgotten observations and
-        the prior."""
+        """One measured step: refits (overhead, scale, lora_cost, mask_cost) to the forgotten
+        observations and the prior."""
         u = self._unit
-        x = np.array([u, float(self.forward_time(rows)), masks * u])
+        x = np.array([u, float(self.forward_time(rows)), u * (masks > 0), masks * u])
         self._S = self.forget * self._S + np.outer(x, x)
         self._s = self.forget * self._s + x * seconds
         theta = np.linalg.solve(self._S + self._ridge, self._s + self._ridge @ self._prior)
-        self.overhead, self.scale, self.mask_cost = float(theta[0]), max(float(theta[1]), 0.05), max(float(theta[2]) * u, 0.0)
+        self.overhead, self.scale = float(theta[0]), max(float(theta[1]), 0.05)
+        self.lora_cost, self.mask_cost = max(float(theta[2]) * u, 0.0), max(float(theta[3]) * u, 0.0)
 
 
 class AcceptanceEstimator:

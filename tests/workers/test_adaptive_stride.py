@@ -89,11 +89,11 @@ def test_cost_model_interpolates_calibrates_and_refines():
 
     def fake(rows, masks=0):
         calls.append(rows)
-        return 0.01 + 0.001 * rows + 0.002 * masks
+        return 0.01 + 0.001 * rows + 0.004 * (masks > 0) + 0.002 * masks
 
     m = StepCostModel.calibrate(fake, 100, masks=True)
     assert m.points == [1, 2, 4, 8, 16, 32, 64, 100] and calls[:2] == [1, 7]  # warm-ups first
-    assert m.mask_cost == pytest.approx(0.002)  # from the 7-row block with 3 MASK rows
+    assert m.mask_cost == pytest.approx(0.002) and m.lora_cost == pytest.approx(0.004)  # 7-row blocks, 1 and 3 MASKs
     assert m.predict(7, 3) == pytest.approx(fake(7, 3))
     assert m.predict(50) == pytest.approx(0.06)
     assert m.slope(50) == pytest.approx(0.001)
@@ -130,16 +130,17 @@ def test_step_overhead_learnt_at_run_row_counts_reaches_the_others():
 
 
 def test_mask_row_cost_is_learnt_from_steps_with_and_without_them():
-    """Calibrated at no extra cost per MASK row, steps show 25 ms each: the fit finds it, and the
-    policy, which knows a stride-n round carries n-1 MASK rows, stops drafting."""
+    """Calibrated at no extra cost for MASK rows, steps show 30 ms for having any and 5 ms each: the
+    fit finds both, and the policy, which knows a stride-n round carries n-1 MASK rows, stops
+    drafting."""
     pts, flat = [1, 2, 4, 8, 16, 64], [0.05] * 6
     pol = _policy(flat, pts, 0.6)
     state = pol.acceptance.new_state()
     assert pol.choose([state])[0] == [4]
     for i in range(300):
-        masks = 3 * (i % 2)
-        pol.cost.observe(4, 0.05 + 0.025 * masks, masks)
-    assert pol.cost.mask_cost == pytest.approx(0.025, rel=0.05)
+        masks = (0, 1, 3)[i % 3]
+        pol.cost.observe(4, 0.05 + 0.03 * (masks > 0) + 0.005 * masks, masks)
+    assert pol.cost.mask_cost == pytest.approx(0.005, rel=0.2) and pol.cost.lora_cost == pytest.approx(0.03, rel=0.1)
     pol.probe_every = 0
     assert pol.choose([state])[0] == [1]
 
