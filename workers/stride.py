@@ -218,9 +218,9 @@ class StridePolicy:
         self.acceptance = acceptance or AcceptanceEstimator(max(max_stride - 1, 1))
         # Exploration: the cost model only learns at the row counts it runs, and acceptance only
         # where drafts are verified. Every `probe_every` steps the choice is perturbed, down and up
-        # in turn: down, an AR step when it chose drafting (else stride 2 for up to
-        # `probe_requests`); up, one stride longer for up to `probe_requests` requests (the rows
-        # of a stride it does not run, which it could otherwise never learn are cheap).
+        # in turn: down, an AR step when it chose drafting; up, one stride longer for up to
+        # `probe_requests` requests (the rows of a stride it does not run, which it could
+        # otherwise never learn are cheap).
         self.probe_every = probe_every
         self.probe_requests = probe_requests
         self._calls = 0
@@ -249,7 +249,11 @@ class StridePolicy:
         best_choice = choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))]
         strides = (best_choice + 1).tolist()
         self._calls += 1
-        if self.probe_every and B and self._calls % self.probe_every == 0:
+        # Probing from an all-AR choice is the dearer kind (a step that pays the gated LoRA for
+        # drafts that are then cut) and the rarer need (the load that made AR best changes
+        # slowly), so it comes 4x less often.
+        period = self.probe_every * (1 if any(n > 1 for n in strides[:B]) else 4)
+        if self.probe_every and B and self._calls % period == 0:
             k = self._calls // self.probe_every
             longer = [i for i in range(B) if strides[i] < N]
             if k % 2 == 0 and any(n > 1 for n in strides[:B]):
