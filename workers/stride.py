@@ -1,7 +1,7 @@
 """Load-adaptive ISD stride: each round, every decoding request gets a stride n in 1..N (DESIGN §1).
 
-Owns: `StepCostModel` (step time against rows in the step: calibrated at start-up, refined online
-from measured steps), `AcceptanceEstimator` (conditional acceptance per draft position: an
+Owns: `StepCostModel` (step time against rows and MASK rows in the step: a forward-time curve
+calibrated at start-up under a correction fitted online to measured whole steps), `AcceptanceEstimator` (conditional acceptance per draft position: an
 engine-wide running estimate that is the prior of every request's own running estimate), the
 steady-state round value (`round_value`), and `StridePolicy.choose`, which picks the strides that
 maximise the expected committed tokens per second of the whole step.
@@ -19,7 +19,8 @@ so in the steady state
     tokens per round E(n) = (2 - P_{n-1} + P_1 + ... + P_{n-1}) / (2 - P_{n-1})
     rows per round   R(n) = n + (n - 1) / (2 - P_{n-1})     (cold rounds feed n rows, verify 2n-1)
 (uniform a = p gives the paper's (2 + p + ... + p^(n-2)) / (2 - p^(n-1))). `choose` maximises
-sum_i E_i(n_i) / t(rows_other + sum_i R_i(n_i)) over the allocations a price per row traces out
+sum_i E_i(n_i) / t(rows_other + sum_i R_i(n_i), sum_i (n_i - 1) MASK rows) over the allocations a
+price per row traces out
 (each request maximises E_i(n) - mu * R_i(n); a grid of mu from 0 to "every request AR"), scored
 exactly with t, so a non-convex cost curve (cheap rows up to a knee, then compute-bound) is
 handled without a local linearisation.
