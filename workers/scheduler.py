@@ -142,19 +142,21 @@ class Scheduler:
         """Strides for this step's decoding requests (see `workers.stride`)."""
         if not self.policy.adaptive:
             return
-        decoding, other = [], 0
+        decoding, other, pending = [], 0, 0
         for r in self.running:
             if r.num_tokens - r.num_computed == 1:
                 decoding.append(r)
             else:
                 other += r.num_tokens - r.num_computed
+                pending += 1
         budget = max(self.config.max_num_batched_tokens - len(decoding), 0)
         for r in self.waiting:
-            if other >= budget:
+            if other >= budget or len(decoding) + pending >= self.config.max_num_seqs:
                 break
             other += r.num_tokens - r.num_computed
+            pending += 1
         other = min(other, budget)
-        strides, self.new_stride = self.policy.choose([r.accept_state for r in decoding], other)
+        strides, self.new_stride = self.policy.choose([r.accept_state for r in decoding], other, pending)
         for r, n in zip(decoding, strides):
             r.stride = n
 

@@ -226,29 +226,41 @@ class StridePolicy:
         self.probe_requests = probe_requests
         self._calls = 0
 
-    def choose(self, states: list[list[list[float]]], other_rows: int = 0) -> tuple[list[int], int]:
+    def _best(self, rates: list[list[float]], counted: int, other_rows: int) -> list[int]:
+        """The best strides (tokens per second of the step) for requests with these per-position
+        rates; only the first `counted` count in the step (a further one is scored alone)."""
+        N = self.max_stride
+        tables = [value_table(r, N) for r in rates]
+        E = np.stack([t[0] for t in tables])  # [K, N]
+        R = np.stack([t[1] for t in tables])
+        M = np.broadcast_to(np.arange(N, dtype=float), E.shape)  # MASK rows at stride n: n-1
+        # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
+        # its convex hull); the allocation with the best exact tokens/second over the grid wins.
+        choice = np.argmax(E[None] - _PRICES[:, None, None] * R[None], axis=2)  # [G, K]
+        cols = np.arange(len(rates))[None]
+        rows = other_rows + R[cols, choice][:, :counted].sum(1)  # [G]
+        tokens = E[cols, choice][:, :counted].sum(1)
+        masks = M[cols, choice][:, :counted].sum(1)
+        t = self.cost.predict_many(rows, masks)
+        return (choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))] + 1).tolist()
+
+    def choose(self, states: list[list[list[float]]], other_rows: int = 0, pending: int = 0) -> tuple[list[int], int]:
         """Strides for requests with acceptance states `states`, plus the stride a newly admitted
-        request starts with (the engine-wide estimate's choice); `other_rows`: rows of prefill
-        chunks expected in the same step."""
+        request starts with; `other_rows`: rows of prefill chunks expected in the same step;
+        `pending`: requests in prefill that decode soon. A new request's stride is the choice for
+        the next step's load: the decoding requests plus the pending ones at the engine-wide
+        estimate (without them, a wave of new requests would all start at the stride that is
+        best for one request alone)."""
         N = self.max_stride
         if not self.adaptive or self.cost is None:
             return [N] * len(states), N
-        rates = [self.acceptance.rates(s) for s in states] + [self.acceptance.engine_rates()]
-        tables = [value_table(r, N) for r in rates]
-        E = np.stack([t[0] for t in tables])  # [B+1, N]; the last row: a new request (not counted)
-        R = np.stack([t[1] for t in tables])
-        M = np.broadcast_to(np.arange(N, dtype=float), E.shape)  # [B+1, N]: MASK rows at stride n = n-1
-        B = len(states)
-        # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
-        # its convex hull); the allocation with the best exact tokens/second over the grid wins.
-        choice = np.argmax(E[None] - _PRICES[:, None, None] * R[None], axis=2)  # [G, B+1]
-        cols = np.arange(B + 1)[None]
-        rows = other_rows + R[cols, choice][:, :B].sum(1)  # [G]
-        tokens = E[cols, choice][:, :B].sum(1)
-        masks = (M[cols, choice][:, :B]).sum(1)  # n-1 MASK rows a round at stride n > 1
-        t = self.cost.predict_many(rows, masks)
-        best_choice = choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))]
-        strides = (best_choice + 1).tolist()
+        engine = self.acceptance.engine_rates()
+        own = [self.acceptance.rates(s) for s in states]
+        strides = self._best(own + [engine], len(states), other_rows)
+        new = strides[-1]
+        if pending:
+            new = self._best(own + [engine] * pending, len(states) + pending, 0)[-1]
+        strides, B = strides[: len(states)], len(states)
         self._calls += 1
         # Probing from an all-AR choice is the dearer kind (a step that pays the gated LoRA for
         # drafts that are then cut) and the rarer need (the load that made AR best changes
@@ -263,4 +275,4 @@ class StridePolicy:
                 for j in range(min(len(longer), self.probe_requests)):
                     i = longer[(k + j) % len(longer)]
                     strides[i] += 1
-        return strides[:B], strides[B]
+        return strides, new

@@ -23,7 +23,7 @@ class RandomStrides(StridePolicy):
         self.rng = random.Random(seed)
         self.seen: set[int] = set()
 
-    def choose(self, states, other_rows=0):
+    def choose(self, states, other_rows=0, pending=0):
         n = [self.rng.randint(1, self.max_stride) for _ in range(len(states) + 1)]
         self.seen.update(n)
         return n[:-1], n[-1]
@@ -62,6 +62,15 @@ def test_load_moves_the_choice_down():
     pol = _policy(times, pts, 0.7)
     assert pol.choose([pol.acceptance.new_state()])[0] == [4]
     assert set(pol.choose([pol.acceptance.new_state() for _ in range(64)])[0]) == {1}
+
+
+def test_a_wave_of_new_requests_starts_at_the_stride_for_its_load():
+    pts = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    times = [0.05, 0.05, 0.05, 0.05, 0.052, 0.1, 0.2, 0.4, 0.8, 1.6]
+    pol = _policy(times, pts, 0.7)
+    assert pol.choose([], 0)[1] == 4  # one new request alone: the longest stride
+    assert pol.choose([], 2000, pending=64)[1] == 1  # 64 in prefill: they start AR
+    assert pol.choose([], 40, pending=1)[1] == 4
 
 
 def test_low_acceptance_prefers_short_strides_even_when_rows_are_free():
