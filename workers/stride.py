@@ -1,9 +1,9 @@
 """Load-adaptive ISD stride: each round, every decoding request gets a stride n in 1..N (DESIGN §1).
 
 Owns: `StepCostModel` (step time against rows and MASK rows in the step: a forward-time curve
-calibrated at start-up under a correction fitted online to measured whole steps), `AcceptanceEstimator` (conditional acceptance per draft position: an
-engine-wide running estimate that is the prior of every request's own running estimate), the
-steady-state round value (`round_value`), and `StridePolicy.choose`, which picks the strides that
+calibrated at start-up under a correction fitted online to measured whole steps),
+`AcceptanceEstimator` (conditional acceptance per draft position: an engine-wide running estimate
+that is the prior of every request's own running estimate), the steady-state round value (`round_value`), and `StridePolicy.choose`, which picks the strides that
 maximise the expected committed tokens per second of the whole step.
 
 Why it is lossless: a round with stride n verifies the first n-1 of a request's drafts (a draft
@@ -48,8 +48,8 @@ class StepCostModel:
     than clean rows: a step with any pays the gated LoRA's weight reads once (`lora_cost`: the
     GEMM against the weight with LoRA A under it, one small B product per slice and layer, whatever
     the count at a few rows), and each one a little more (`mask_cost`). Both start at their
-    calibrated values and are refitted from steps with and without MASK rows. `scale` (machine speed drift,
-    row-dependent costs) is held near 1 by a strong prior and moves only when the steps span row
+    calibrated values and are refitted from steps with and without MASK rows. `scale` (machine
+    speed drift, row-dependent costs) is held near 1 by a strong prior and moves only when the steps span row
     counts (the policy's probes see to that). The fit is a ridge regression over exponentially
     forgotten observations (`forget` per step), so it follows the operating point."""
 

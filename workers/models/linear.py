@@ -16,8 +16,8 @@ changes. `IDLM_CPU_GEMM=torch` forces `F.linear`; CUDA always uses `F.linear` (c
 Gated LoRA, fused: the slices' A matrices are stacked (`[S*r, in]`, on CPU packed under the base
 weight so the base product and every row's x @ A^T are one GEMM) and their B matrices placed on a
 block diagonal (`[out, S*r]`, the training/index path); the engine's path adds each slice's
-x @ A^T @ B^T into the MASK rows with that slice's B^T alone (no zero blocks to read). Per-slice parameters stay the source of truth (PEFT names, training); the fused
-pair is a cache keyed by their versions. Rows outside the selection are never touched, so they stay
+x @ A^T @ B^T into the MASK rows with that slice's B^T alone (no zero blocks to read). Per-slice
+parameters stay the source of truth (PEFT names, training); the fused pair is a cache keyed by their versions. Rows outside the selection are never touched, so they stay
 bitwise equal to the base product (what makes R-ISD lossless).
 """
 
@@ -165,7 +165,7 @@ class LoRALinear(nn.Linear):
         """(out lo, out hi, xa col lo, xa col hi, B^T [r, out_s] * scaling, contiguous) per slice
         with LoRA; cached by the LoRA parameters' versions (the inference path only)."""
         key = [p._version for p in self._lora_params]
-        c = getattr(self, "_b_slices", None)
+        c = self._b_slices  # set (None) by _lora_changed
         if c is not None and c[0] == key:
             return c[1]
         r, out = self.lora_rank, []
