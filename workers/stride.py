@@ -3,8 +3,9 @@
 Owns: `StepCostModel` (step time against rows and MASK rows in the step: a forward-time curve
 calibrated at start-up under a correction fitted online to measured whole steps),
 `AcceptanceEstimator` (conditional acceptance per draft position: an engine-wide running estimate
-that is the prior of every request's own running estimate), the steady-state round value (`round_value`), and `StridePolicy.choose`, which picks the strides that
-maximise the expected committed tokens per second of the whole step.
+that is the prior of every request's own running estimate), the steady-state round value
+(`round_value`), and `StridePolicy.choose`, which picks the strides that maximise the expected
+committed tokens per second of the whole step.
 
 Why it is lossless: a round with stride n verifies the first n-1 of a request's drafts (a draft
 sequence may be cut: the tail is dropped, never verified) and proposes n-1 new ones; every round is
