@@ -226,6 +226,11 @@ class StridePolicy:
         self.probe_every = probe_every
         self.probe_requests = probe_requests
         self._calls = 0
+        # An up-probe's drafts are only verified if the request keeps a stride that long on the
+        # next step (a shorter stride cuts them): without this hold a probe from all-AR paid for
+        # its MASK rows and never saw one draft verified, so acceptance could not recover.
+        # Keyed by the identity of the request's acceptance state (one list per request).
+        self._hold: dict[int, int] = {}
 
     def _best(self, rates: list[list[float]], counted: int, other_rows: int) -> list[int]:
         """The best strides (tokens per second of the step) for requests with these per-position
@@ -262,6 +267,10 @@ class StridePolicy:
         if pending:
             new = self._best(own + [engine] * pending, len(states) + pending, 0)[-1]
         strides, B = strides[: len(states)], len(states)
+        if self._hold:
+            for i, s in enumerate(states):
+                strides[i] = max(strides[i], self._hold.get(id(s), 0))
+            self._hold = {}
         self._calls += 1
         # Probing from an all-AR choice is the dearer kind (a step that pays the gated LoRA for
         # drafts that are then cut) and the rarer need (the load that made AR best changes
@@ -276,4 +285,5 @@ class StridePolicy:
                 for j in range(min(len(longer), self.probe_requests)):
                     i = longer[(k + j) % len(longer)]
                     strides[i] += 1
+                    self._hold[id(states[i])] = strides[i]
         return strides, new

@@ -154,6 +154,21 @@ def test_mask_row_cost_is_learnt_from_steps_with_and_without_them():
     assert pol.choose([state])[0] == [1]
 
 
+def test_an_up_probe_from_all_ar_is_held_so_its_drafts_are_verified():
+    """Drafting dear (a 100 ms gated-LoRA cost per step): the policy runs AR; its periodic up-probe
+    gives a request stride 2, and the next step keeps it at 2 so that draft is verified (a stride
+    of 1 would cut it, and acceptance could then never be learnt again)."""
+    pts = [1, 2, 4, 8, 16, 64]
+    pol = _policy([0.05] * 6, pts, 0.6)
+    pol.cost = StepCostModel(pts, [0.05] * 6, lora_cost=0.1)
+    states = [pol.acceptance.new_state() for _ in range(2)]
+    runs = [pol.choose(states)[0] for _ in range(4 * pol.probe_every + 1)]
+    probe = 4 * pol.probe_every - 1
+    assert all(r == [1, 1] for i, r in enumerate(runs) if i not in (probe, probe + 1))
+    assert runs[probe] == runs[probe + 1] and max(runs[probe]) == 2
+    assert pol.choose([pol.acceptance.new_state()])[0] == [1]  # the hold is for that request only
+
+
 def test_policy_moves_to_the_stride_whole_steps_favour():
     def forward(r):
         return 0.02 + 0.003 * r
