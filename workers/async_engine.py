@@ -29,6 +29,16 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def _deliver(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item: object) -> bool:
+    """Hands `item` to a waiter on its event loop; False when that loop is closed (its caller ran
+    `asyncio.run` to its end with the request still open): the step thread must not die of it."""
+    try:
+        loop.call_soon_threadsafe(q.put_nowait, item)
+        return True
+    except RuntimeError:
+        return False
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig, *, loaded: LoadedModel | None = None, start: bool = True, drafter=None) -> None:
         self.config = config
@@ -113,8 +123,7 @@ class AsyncEngine:
             entry = self._queues.pop(request_id, None)
             out = self.engine.abort(request_id)
         if entry is not None and out is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, out)
+            _deliver(*entry, out)
 
     def reset_prefix_cache(self) -> int:
         with self._lock:
@@ -146,7 +155,8 @@ class AsyncEngine:
                             self._queues.pop(out.request_id, None)
                         targets.append((entry, out))
                 for (loop, q), out in targets:
-                    loop.call_soon_threadsafe(q.put_nowait, out)
+                    if not _deliver(loop, q, out) and not out.finished:
+                        self.abort(out.request_id)  # its caller's event loop is gone: nobody reads it
                 if not busy:
                     self._wake.wait(0.05)
                     self._wake.clear()
@@ -157,4 +167,4 @@ class AsyncEngine:
                 entries = list(self._queues.values())
                 self._queues.clear()
             for loop, q in entries:
-                loop.call_soon_threadsafe(q.put_nowait, EngineDeadError(f"engine failed: {e!r}"))
+                _deliver(loop, q, EngineDeadError(f"engine failed: {e!r}"))

@@ -66,7 +66,9 @@ class SamplingParams:
     a dict of `StructuredOutputs` fields is accepted too."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
             self.stop = [self.stop]
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
@@ -82,9 +84,11 @@ class SamplingParams:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not _is_int(self.n) or not (1 <= self.n <= MAX_N):
             raise ValueError(f"n: must be an integer in 1..{MAX_N}, got {self.n!r}")
-        if any(not isinstance(s, str) or s == "" for s in self.stop):
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop: stop strings must be non-empty strings")
-        if any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids: must be non-negative integers")
         if not _is_int(self.min_tokens) or not (0 <= self.min_tokens <= self.max_tokens):
             raise ValueError(f"min_tokens: must be an integer in 0..max_tokens ({self.max_tokens}), got {self.min_tokens!r}")

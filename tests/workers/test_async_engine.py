@@ -71,3 +71,37 @@ def test_consumer_exit_aborts_and_frees_kv(loaded):
 async def _first(agen):
     async for x in agen:
         return x
+
+
+def test_a_closed_caller_loop_aborts_its_requests_and_the_engine_lives(loaded):
+    """`asyncio.run` ended by an error with other requests still open closes their event loop; the
+    step thread used to die delivering to it (RuntimeError: Event loop is closed). Now those
+    requests are aborted and the engine serves the next caller."""
+    prompts = random_prompts(4, loaded.config.vocab_size, seed=3)
+    eng = AsyncEngine(EngineConfig(model="tiny", mode="isd", stride=4), loaded=loaded)
+    slow = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def stream(p):
+        async for _ in eng.generate(p, slow):
+            pass
+
+    async def failing():
+        tasks = [asyncio.ensure_future(stream(p)) for p in prompts]
+        await asyncio.sleep(0.05)
+        assert not any(t.done() for t in tasks)  # the streams are open when the caller fails
+        raise KeyError("the caller fails")  # asyncio.run cancels the tasks, then closes the loop
+
+    async def one(p):
+        return [t async for out in eng.generate(p, GREEDY) for t in out.new_token_ids]
+
+    try:
+        with pytest.raises(KeyError):
+            asyncio.run(failing())
+        for _ in range(200):
+            if eng.num_unfinished() == 0:
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        assert eng.is_healthy() and eng.num_unfinished() == 0
+        assert len(asyncio.run(one(prompts[0]))) == 16
+    finally:
+        eng.shutdown()

@@ -17,6 +17,9 @@ from workers import LLM, EngineConfig, SamplingParams
         ({"top_k": -2}, "top_k"),
         ({"seed": "x"}, "seed"),
         ({"stop": [""]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"stop": [None]}, "stop"),
+        ({"stop_token_ids": 7}, "stop_token_ids"),
         ({"min_p": 1.5}, "min_p"),
         ({"min_p": -0.1}, "min_p"),
         ({"n": 0}, "n"),
@@ -36,6 +39,11 @@ from workers import LLM, EngineConfig, SamplingParams
 def test_sampling_params_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         SamplingParams(**kwargs)
+
+
+def test_none_stop_lists_mean_none():
+    p = SamplingParams(stop=None, stop_token_ids=None)
+    assert p.stop == [] and p.stop_token_ids == []
 
 
 @pytest.mark.parametrize("stride", [0, 17, -1])
