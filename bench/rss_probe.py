@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
             if a.trim_every and time.monotonic() - last_trim >= a.trim_every:
                 libc.malloc_trim(0)
                 last_trim = time.monotonic()
+            engine.drain_observations()  # as the replica's metrics exporter does
             series.append((round(time.monotonic() - t0, 1), done[0], round(rss_mb(), 1)))
 
     snap: dict = {}
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     top = [{"kb": round(d.size_diff / 1024, 1), "count": d.count_diff,
             "where": [f"{f.filename.replace(str(ROOT) + '/', '')}:{f.lineno}" for f in d.traceback][-4:]}
            for d in diffs[:12]]
-    objects = {k: v - warm_counts.get(k, 0) for k, v in (end_counts - warm_counts).most_common(12)}
+    objects = dict((end_counts - warm_counts).most_common(12))  # the types whose live count grew most
     st = engine.stats()
     engine.shutdown()
     res = {
