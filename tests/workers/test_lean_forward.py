@@ -9,7 +9,7 @@ from tests.tiny import tiny_loaded
 from workers.attention import AttentionMetadata
 from workers.loader import fuse_state_dict, hf_shapes, load_model
 from workers.model_runner import _row_of
-from workers.models.linear import LoRALinear, cpu_gemm_backend
+from workers.models.linear import LoRALinear, cpu_gemm_backend, onednn_linear, row_bucket
 
 BACKENDS = ["onednn", "torch"]
 
@@ -107,6 +107,31 @@ def test_onednn_linear_matches_f_linear_and_is_rebuilt_when_the_weight_changes(m
     with pytest.raises(ValueError, match="^IDLM_CPU_GEMM"):
         with torch.inference_mode():
             lin(x)
+
+
+def test_row_buckets_are_few_and_tight():
+    counts = range(1, 4097)
+    assert all(row_bucket(m) == m for m in range(1, 33))
+    assert all(m <= row_bucket(m) <= 1.125 * m for m in counts)
+    assert all(row_bucket(a) <= row_bucket(b) for a, b in zip(counts, counts[1:]))
+    assert all(row_bucket(row_bucket(m)) == row_bucket(m) for m in counts)
+    assert len({row_bucket(m) for m in counts}) == 88  # 32 exact, then 8 per octave up to 4096
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"), reason="no oneDNN linear in this torch")
+@pytest.mark.parametrize("k,n", [(576, 992), (1536, 576), (64, 200)])
+def test_bucketed_onednn_rows_are_bitwise_the_exact_products(k, n):
+    """The zero rows appended to reach a bucket change no real row: each row's outputs equal the
+    product at the exact row count, bit for bit (and F.linear within float tolerance)."""
+    g = torch.Generator().manual_seed(k)
+    w, bias, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(700, k, generator=g)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w)
+    for m in (33, 37, 45, 63, 65, 100, 129, 333, 517, 700):
+        assert row_bucket(m) > m
+        exact = torch.ops.mkldnn._linear_pointwise(x[:m].contiguous(), packed, bias, "none", [], "")
+        got = onednn_linear(x[:m], packed, bias)
+        assert got.shape == (m, n) and torch.equal(got, exact), m
+    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
 
 
 def test_gradients_flow_through_the_lora_and_not_the_packed_path():

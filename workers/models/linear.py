@@ -42,6 +42,31 @@ def cpu_gemm_backend() -> str:
     return v
 
 
+def row_bucket(m: int) -> int:
+    """The row count a oneDNN product of `m` rows runs at: `m` up to 32, above that rounded up to
+    one of 8 steps per octave (at most 12.5% padding; 72 counts up to 1024 rows).
+
+    Why: oneDNN builds (JIT-compiles) and caches a primitive per input shape, ~0.7 MB each. Prefill
+    chunks and mixed batches give every row count from 1 to the token budget, so a serving replica
+    kept building primitives: its RSS grew by hundreds of MB over a soak and its allocator arenas
+    stayed fragmented by the evicted ones (bench/rss_probe.py; 4 weights x 1024 row counts: +1.3 GB,
+    bucketed: +200 MB, flat after the first pass). Row results do not depend on the zero rows
+    appended (each output row is its own dot products; tests/workers/test_lean_forward.py)."""
+    if m <= 32:
+        return m
+    q = 1 << (m.bit_length() - 4)
+    return -(-m // q) * q
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, in] @ packed^T (+ bias) -> [M, out], run at `row_bucket(M)` rows."""
+    m = x.shape[0]
+    b = row_bucket(m)
+    x = x.contiguous() if b == m else torch.cat([x, x.new_zeros(b - m, x.shape[1])])
+    y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return y if b == m else y[:m]
+
+
 def _packed_gemm_wanted(w: torch.Tensor) -> bool:
     if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
         return False
@@ -149,7 +174,7 @@ class LoRALinear(nn.Linear):
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
             # `out` columns are bit-identical to the product with W alone (each output column is
             # its own dot product); tests/workers/test_lean_forward.py checks this.
-            full = torch.ops.mkldnn._linear_pointwise(x.contiguous(), merged, self.bias_with_lora_a(), "none", [], "")
+            full = onednn_linear(x, merged, self.bias_with_lora_a())
             y, xa = full[:, : self.out_features], full[rows, self.out_features :]
         else:
             y, xa = self._base(x), F.linear(x[rows], a)
@@ -186,7 +211,7 @@ class LoRALinear(nn.Linear):
         if x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             packed = self._packed_weight()
             if packed is not None:
-                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, self.bias, "none", [], "")
+                return onednn_linear(x, packed, self.bias)
         return F.linear(x, w, self.bias)
 
     def _packed_weight(self, with_lora_a: bool = False) -> torch.Tensor | None:
