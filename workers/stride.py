@@ -171,15 +171,6 @@ class AcceptanceEstimator:
             self.tried[j] = self.engine_decay * self.tried[j] + 1.0
             self.hits[j] = self.engine_decay * self.hits[j] + ok
 
-    def age(self, state: list[list[float]]) -> None:
-        """A step in which the request verifies nothing (it runs AR): its own evidence fades by
-        `request_decay`, as an observation would fade it. Without this a request that met a few
-        rejections had a low estimate, so it ran AR, so it verified nothing, so the estimate never
-        moved: it stayed AR until a probe (at C=1, 20% of the rounds of bench/engine.py)."""
-        for row in state:
-            for j in range(len(row)):
-                row[j] *= self.request_decay
-
     def new_state(self) -> list[list[float]]:
         return [[0.0] * self.max_drafts, [0.0] * self.max_drafts]
 
@@ -280,9 +271,6 @@ class StridePolicy:
             for i, s in enumerate(states):
                 strides[i] = max(strides[i], self._hold.get(id(s), 0))
             self._hold = {}
-        for s, n in zip(states, strides):
-            if n == 1:
-                self.acceptance.age(s)
         self._calls += 1
         # Probing from an all-AR choice is the dearer kind (a step that pays the gated LoRA for
         # drafts that are then cut) and the rarer need (the load that made AR best changes

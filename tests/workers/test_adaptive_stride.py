@@ -200,24 +200,6 @@ def test_acceptance_estimate_starts_at_the_engine_prior_and_moves_to_the_request
     assert 0.2 < acc.engine_rates()[0] < 0.8  # the engine-wide figure mixes both
 
 
-def test_a_request_run_ar_after_rejections_drafts_again_as_its_evidence_ages():
-    """Drafting pays at the engine's 0.6 acceptance on a memory-bound table; a request that met a
-    run of first-draft rejections is run AR, and, verifying nothing while AR, its own evidence
-    fades toward the engine's figure until drafting pays again (before: AR until a probe)."""
-    pts = [1, 2, 4, 8, 16, 64]
-    acc = AcceptanceEstimator(3, prior=0.6, prior_weight=4.0, engine_decay=1.0)
-    acc.tried, acc.hits = [1e6] * 3, [6e5] * 3  # the engine-wide figure stays at 0.6
-    pol = StridePolicy(4, adaptive=True, cost=StepCostModel(pts, [0.05] * 6, lora_cost=0.02), acceptance=acc,
-                       probe_every=0)
-    state = acc.new_state()
-    for _ in range(20):
-        acc.observe(state, 3, 0)
-    runs = [pol.choose([state])[0][0] for _ in range(40)]
-    assert runs[0] == 1 and runs[-1] > 1
-    first = runs.index(next(n for n in runs if n > 1))
-    assert 3 <= first <= 30 and all(n == 1 for n in runs[:first])
-
-
 # -- exactness under any stride schedule --------------------------------------------------------
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def tiny(request):
