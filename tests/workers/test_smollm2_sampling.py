@@ -27,7 +27,9 @@ def risd_loaded() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def engines(risd_loaded):
-    risd = LLM(loaded=risd_loaded, mode="risd", stride=4, kv_cache_tokens=4096, max_num_seqs=8)
+    # fixed stride: these tests check drafted tokens (processors, logprobs); whether the adaptive
+    # policy drafts depends on measured step times (its exactness: test_adaptive_stride.py)
+    risd = LLM(loaded=risd_loaded, mode="risd", stride=4, adaptive_stride=False, kv_cache_tokens=4096, max_num_seqs=8)
     prompts = [risd.encode_chat([{"role": "user", "content": q}]) for q in QUESTIONS]
     return risd, prompts
 
