@@ -70,6 +70,8 @@ class SamplingParams:
             self.stop = []
         elif isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
         if not _is_int(self.max_tokens) or self.max_tokens <= 0:
             raise ValueError(f"max_tokens: must be a positive integer, got {self.max_tokens!r}")
         if not _is_num(self.temperature) or self.temperature < 0:
@@ -84,8 +86,6 @@ class SamplingParams:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not _is_int(self.n) or not (1 <= self.n <= MAX_N):
             raise ValueError(f"n: must be an integer in 1..{MAX_N}, got {self.n!r}")
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
         if not isinstance(self.stop, (list, tuple)) or any(not isinstance(s, str) or s == "" for s in self.stop):
             raise ValueError("stop: stop strings must be non-empty strings")
         if not isinstance(self.stop_token_ids, (list, tuple)) or any(not _is_int(t) or t < 0 for t in self.stop_token_ids):

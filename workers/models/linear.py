@@ -17,8 +17,9 @@ Gated LoRA, fused: the slices' A matrices are stacked (`[S*r, in]`, on CPU packe
 weight so the base product and every row's x @ A^T are one GEMM) and their B matrices placed on a
 block diagonal (`[out, S*r]`, the training/index path); the engine's path adds each slice's
 x @ A^T @ B^T into the MASK rows with that slice's B^T alone (no zero blocks to read). Per-slice
-parameters stay the source of truth (PEFT names, training); the fused pair is a cache keyed by their versions. Rows outside the selection are never touched, so they stay
-bitwise equal to the base product (what makes R-ISD lossless).
+parameters stay the source of truth (PEFT names, training); the fused pair is a cache keyed by
+their versions. Rows outside the selection are never touched, so they stay bitwise equal to the
+base product (what makes R-ISD lossless).
 """
 
 from __future__ import annotations
