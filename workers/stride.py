@@ -51,8 +51,8 @@ class StepCostModel:
     the count at a few rows), and each one a little more (`mask_cost`). Both start at their
     calibrated values and are refitted from steps with and without MASK rows. `scale` (machine
     speed drift, row-dependent costs) is held near 1 by a strong prior and moves only when the
-    steps span row counts (the policy's probes see to that). The fit is a ridge regression over exponentially
-    forgotten observations (`forget` per step), so it follows the operating point."""
+    steps span row counts (the policy's probes see to that). The fit is a ridge regression over
+    exponentially forgotten observations (`forget` per step), so it follows the operating point."""
 
     def __init__(self, points: list[int], times: list[float], mask_cost: float = 0.0, lora_cost: float = 0.0,
                  forget: float = 0.97, overhead_prior_weight: float = 0.1, scale_prior_weight: float = 30.0,

@@ -51,7 +51,9 @@ def _placement() -> dict[str, str]:
     Not through a deployment handle: in a driver process that already drove another Ray cluster
     (the other cluster tests of the same pytest run), a handle's calls to this cluster's replicas
     never returned (seen 2026-12-02, `test_fuzz.py test_two_nodes.py` in one run; py-spy: the
-    main thread in `DeploymentResponse.result`, the router's loop idle); alone, they did."""
+    main thread in `DeploymentResponse.result`, the router's loop idle); alone, they did. The
+    private `ray._private.state` reads the GCS directly; the public state API needs the dashboard,
+    which this head runs without."""
     from ray._private import state
 
     prefix = f"SERVE_REPLICA::{APP}#EngineReplica#"
