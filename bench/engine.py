@@ -99,9 +99,12 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
     engines = {}
     for system in systems:
         # risd-fixed: always the configured N; risd-fixed<n>: always n (the stride the policy runs most)
-        mode, _, fixed = system.partition("-fixed")
-        adaptive = "-fixed" not in system
+        # a "-last" suffix: MASK rows only after the last draft (draft_anchors="last"; default: every anchor)
+        base, last = (system[:-5], True) if system.endswith("-last") else (system, False)
+        mode, _, fixed = base.partition("-fixed")
+        adaptive = "-fixed" not in base
         engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
+                              draft_anchors="last" if last else "auto",
                               max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=n_tok)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     tok = next(iter(engines.values())).tokenizer
@@ -314,7 +317,8 @@ def main():
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
     ap.add_argument("--systems", default="ar,isd,risd,risd-fixed,hf,vllm",
-                    help="ar, isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm")
+                    help="ar, isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm; "
+                         "a -last suffix on isd/risd systems: MASK rows after the last draft only")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
     ap.add_argument("--setup-only", action="store_true",
                     help="only create bench/.vllm-venv and run a 4-token vllm generate smoke check (no timing)")
@@ -341,7 +345,7 @@ def main():
         "systems": {},
     }
     texts = {}
-    ours = [x for x in systems if x in ("ar", "isd", "risd") or x.startswith("risd-fixed")]
+    ours = [x for x in systems if x.removesuffix("-last") in ("ar", "isd", "risd") or x.startswith("risd-fixed")]
     if any(x.startswith("risd") for x in ours) and default_adapter("smollm2") is None:
         raise SystemExit("risd: the demo adapter workers/adapters/smollm2-risd is absent")
     if ours:

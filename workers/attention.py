@@ -15,6 +15,14 @@ Queries of all requests are gathered into one padded batch so each layer runs on
 requests with long query chunks (prefill) run alone so one long prompt does not pad every decode
 block to its length. When a group's padded rows already are the flat batch in order (one request
 with its rows in place: the C=1 decode step), the gather and scatter are skipped.
+
+MASK groups (`draft_anchors="every"`): a request's MASK rows may be g groups of s rows, group a
+anchored at clean row `clean - g + a` (the pending token for a = 0, then each draft). Group a's
+row i sits at position `ctx + clean - g + a + 1 + i` and sees the request's keys up to its anchor
+and its own group's rows up to itself, nothing else: exactly what a cold round after that anchor
+would see. Keys stay in request order (group rows write the cache slots after the clean rows, as
+a single group does), so only the positions and the mask differ from the causal layout; the
+clean rows are causal as always and never see a MASK row.
 """
 
 from __future__ import annotations
@@ -55,16 +63,29 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
         row_of: torch.Tensor | None = None,
+        clean_lens: list[int] | None = None,
+        mask_groups: list[int] | None = None,
     ) -> AttentionMetadata:
         """q_lens[i] new rows of request i follow its ctx_lens[i] cached tokens. `row_of` [T]: flat
-        row of each request-order row (None: requests' rows are consecutive, in order)."""
+        row of each request-order row (None: requests' rows are consecutive, in order).
+        `clean_lens[i]` / `mask_groups[i]`: request i's last q_lens[i] - clean_lens[i] rows are
+        mask_groups[i] MASK groups (module docstring); None: every request causal."""
         width = max((len(t) for t in block_tables), default=1) or 1
         bt = torch.tensor([t + [0] * (width - len(t)) for t in block_tables] or [[0]], dtype=torch.long)  # [B, W]
         ql = torch.tensor(q_lens, dtype=torch.long)  # [B]
         ctx = torch.tensor(ctx_lens, dtype=torch.long)  # [B]
         T = sum(q_lens)
         qs = torch.cumsum(ql, 0) - ql  # [B] first request-order row of each request
-        _, _, pos_ro, slot_ro = request_rows(ql, ctx, bt, block_size, T)  # [T] each, request order
+        rid, j, pos_ro, slot_ro = request_rows(ql, ctx, bt, block_size, T)  # [T] each, request order
+        anchors = None
+        if mask_groups is not None and any(g > 1 for g in mask_groups):
+            cl = torch.tensor(clean_lens, dtype=torch.long)  # [B]
+            g = torch.tensor(mask_groups, dtype=torch.long).clamp(min=1)  # [B]
+            s = ((ql - cl) // g).clamp(min=1)  # [B] rows per group
+            anchors = (cl, g, s)
+            t = j - cl[rid]  # [T] index among the request's MASK rows (< 0: a clean row)
+            grp = t.clamp(min=0) // s[rid]
+            pos_ro = torch.where(t >= 0, ctx[rid] + cl[rid] - g[rid] + grp + 1 + t.clamp(min=0) % s[rid], pos_ro)
         identity_rows = row_of is None
         if row_of is None:
             row_of = torch.arange(T)
@@ -75,17 +96,17 @@ class AttentionMetadata:
         groups = []
         solo = (ql > _SOLO_Q_LEN).nonzero().flatten().tolist()
         for i in solo:
-            groups.append(_group(torch.tensor([i]), ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device))
+            groups.append(_group(torch.tensor([i]), ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors))
         packed = (ql <= _SOLO_Q_LEN).nonzero().flatten()
         if packed.numel():
-            groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device))
+            groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors))
         return cls(slot_mapping=slot_mapping.to(device), positions=positions.to(device), groups=groups, num_tokens=T)
 
     def attend(self, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
         return paged_attention(q, k, v, k_cache, v_cache, self, scale)
 
 
-def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device) -> _Group:
+def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors=None) -> _Group:
     """Padded query/key layout of requests `idx` [B] for one SDPA call."""
     q, c = ql[idx], ctx[idx]  # [B]
     B, Lq, Lk = idx.numel(), int(q.max()), int((c + q).max())
@@ -98,7 +119,17 @@ def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device) -
     kv_slots = torch.where(k[None, :] < (c + q)[:, None], bt[idx][:, kcol] * block_size + k % block_size, 0)  # [B, Lk]
     # query j sits at absolute position c + j and sees keys 0..c+j (strict causal); padded query
     # rows attend key 0 only so softmax stays finite (their output is dropped)
-    mask = (k[None, None, :] <= (c[:, None] + jq[None, :])[:, :, None]) & valid[:, :, None]
+    last = c[:, None] + jq[None, :]  # [B, Lq] the query's own key index
+    mask = k[None, None, :] <= last[:, :, None]
+    if anchors is not None:
+        # a MASK group's row: keys up to its anchor, then its own group's rows up to itself
+        cl, g, s = (a[idx][:, None] for a in anchors)  # [B, 1] each
+        t = jq[None, :] - cl  # [B, Lq]
+        grp = t.clamp(min=0) // s
+        anchor = torch.where(t >= 0, c[:, None] + cl - g + grp, last)
+        own = torch.where(t >= 0, c[:, None] + cl + grp * s, last + 1)
+        mask = (k[None, None, :] <= anchor[:, :, None]) | ((k[None, None, :] >= own[:, :, None]) & mask)
+    mask &= valid[:, :, None]
     mask |= (~valid)[:, :, None] & (k == 0)[None, None, :]
     in_place = B * Lq == T and bool(valid.all()) and (identity_rows or bool((q_index.flatten() == torch.arange(T)).all()))
     if in_place:

@@ -15,6 +15,11 @@ gated LoRA of R-ISD applies to one slice. A CUDA-graph step pads: request b then
 positions after its real rows (so no real row attends to them) and write no KV (slot -1). Dummy
 requests (`c_real = m_real = 0`) pad the batch to a captured size. Eager steps have no padding
 (`c_slot = c_real`, `m_slot = m_real`).
+
+MASK groups (`draft_anchors="every"`): an item's MASK rows may be `groups` groups, one per real row
+from the pending token on (positions and masks: `workers.attention`). Only its target rows go in
+`logit_rows` then; `group_rows` names the group rows, whose logits the ISD decoder computes for
+the one group that verification keeps (of n(n-1) MASK rows at stride n, n-1 get logits).
 """
 
 from __future__ import annotations
@@ -34,9 +39,13 @@ class StepBatch:
     m_real: list[int] = field(default_factory=list)
     c_slot: list[int] = field(default_factory=list)
     m_slot: list[int] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)  # MASK groups of each request (workers.attention)
     tables: list[list[int]] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)  # request-order rows whose logits are needed
     logit_offsets: list[int] = field(default_factory=list)  # per item: its first row in the logits (-1: none)
+    group_rows: list[tuple[int, int, int]] = field(default_factory=list)
+    """(item, first request-order row, rows) of the MASK groups of items with several: their logits
+    are left to the ISD decoder, which needs those of one group only (the one verification picks)."""
     prompt_rows: list[int] = field(default_factory=list)  # request-order rows whose hidden states go back
     prompt_spans: list[tuple[int, int, int]] = field(default_factory=list)  # (item, first prompt position, count)
 
@@ -79,13 +88,17 @@ def build_step_batch(items, mask_token_id: int | None, pad: tuple[int, int, int]
                 b.prompt_spans.append((i, start, end - start))
                 b.prompt_rows += range(ro + start - req.num_computed, ro + end - req.num_computed)
         clean = req.token_slice(req.num_computed, req.num_computed + it.num_real)
-        m = 0
+        m, g = 0, 1
         if it.final:
             clean += req.drafts[: it.num_drafts]
-            m = it.num_masks
+            m, g = it.num_masks, it.num_groups
             # `pending` is the last real row; it and every later real row need logits.
             b.logit_offsets.append(len(b.logit_rows))
-            b.logit_rows += range(ro + it.num_real - 1, ro + len(clean) + m)
+            if g > 1 and not pad:
+                b.logit_rows += range(ro + it.num_real - 1, ro + len(clean))
+                b.group_rows.append((i, ro + len(clean), m))
+            else:
+                b.logit_rows += range(ro + it.num_real - 1, ro + len(clean) + m)
         else:
             b.logit_offsets.append(-1)
         cs, ms = (pad[1], pad[2]) if pad else (len(clean), m)
@@ -97,6 +110,7 @@ def build_step_batch(items, mask_token_id: int | None, pad: tuple[int, int, int]
         b.m_real.append(m)
         b.c_slot.append(cs)
         b.m_slot.append(ms)
+        b.groups.append(g)
         b.tables.append(req.block_table)
         ro += cs + ms
     if pad:
@@ -107,6 +121,7 @@ def build_step_batch(items, mask_token_id: int | None, pad: tuple[int, int, int]
         b.m_real += [0] * extra
         b.c_slot += [pad[1]] * extra
         b.m_slot += [pad[2]] * extra
+        b.groups += [1] * extra
         b.tables += [[]] * extra
     n_mask = sum(b.m_slot)
     if n_mask:

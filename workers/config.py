@@ -35,6 +35,14 @@ class EngineConfig:
     adaptive_stride: bool = True
     """Each round pick every request's stride in 1..`stride` from a step-cost model and its
     acceptance (workers.stride); False: always `stride`. Lossless either way."""
+    draft_anchors: Literal["auto", "last", "every"] = "auto"
+    """Where a verify round's MASK rows go. `last`: one group after the last draft, so its drafts
+    survive only if every draft is accepted (a rejection is followed by a cold round). `every`: one
+    group after each real row of the block (the pending token and each draft), so whichever draft
+    is rejected, the group anchored at the last accepted row proposes the next drafts and every
+    round verifies drafts (n^2 rows at stride n instead of 2n-1; workers.isd). `auto`: `every` on
+    the SDPA attention path (CPU), `last` on the Triton kernel path, which has no per-group masks.
+    Lossless either way."""
     adapter: str | None = None
     """PEFT directory of the gated LoRA adapter (`risd`). None with `smollm2` uses the demo adapter."""
     mask_token_id: int | None = None
@@ -89,6 +97,8 @@ class EngineConfig:
             # NOTE: AR is ISD with N=1: no drafts, no MASK rows.
             self.stride = 1
         _require(isinstance(self.adaptive_stride, bool), "adaptive_stride", f"must be a boolean, got {self.adaptive_stride!r}")
+        _require(self.draft_anchors in ("auto", "last", "every"), "draft_anchors",
+                 f"must be 'auto', 'last' or 'every', got {self.draft_anchors!r}")
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",
                  f"must be a boolean, got {self.enable_prefix_caching!r}")
         _require(self.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported {self.dtype!r}")

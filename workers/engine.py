@@ -99,13 +99,19 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             max_model_len=self.max_model_len,
         )
-        self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride)
+        if config.draft_anchors == "every" and self.runner.kernel_path:
+            raise ValueError("draft_anchors: 'every' needs the SDPA attention path (IDLM_ATTENTION=torch); "
+                             "the Triton kernel path has no per-group masks")
+        self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
+            config.draft_anchors == "auto" and not self.runner.kernel_path))
+        self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, every_anchor=self.every_anchor)
         if self.policy.adaptive:
             # A short start-up calibration of step time against rows (refined online by `step`).
-            max_rows = min(config.max_num_batched_tokens, config.max_num_seqs * (2 * config.stride - 1),
+            block = config.stride ** 2 if self.every_anchor else 2 * config.stride - 1
+            max_rows = min(config.max_num_batched_tokens, config.max_num_seqs * block,
                            config.num_blocks * config.kv_block_size)
             self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1), masks=True)
-        self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy)
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy, every_anchor=self.every_anchor)
         eos = list(mcfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.append(self.tokenizer.eos_token_id)
@@ -227,7 +233,8 @@ class LLMEngine:
         cost = self.policy.cost
         # Decode-like steps (most rows need logits) are where the cost model is used: they refine
         # it, and their prediction and measurement are tracked side by side (moving averages).
-        decode_like = cost is not None and 2 * runner_out.logits.shape[0] >= rows
+        groups = runner_out.group_hidden.shape[0] if runner_out.group_hidden is not None else 0
+        decode_like = cost is not None and 2 * (runner_out.logits.shape[0] + groups) >= rows
         masks = sum(it.num_masks for it in sched.items)
         predicted = cost.predict(rows, masks) if decode_like else 0.0
         if decode_like:
@@ -288,6 +295,8 @@ class LLMEngine:
         m.num_output_tokens = req.num_output_tokens
         if res.num_drafts:
             self.policy.acceptance.observe(req.accept_state, res.num_drafts, res.num_accepted)
+        elif res.item.stride <= 1 and req.accept_state is not None:
+            self.policy.acceptance.age(req.accept_state)
         with self.stats as (st, obs):
             st.generation_tokens += len(kept)
             st.decode_forwards += 1

@@ -6,6 +6,11 @@ Owns: `ISDDecoder`. For a final item with k drafts and m MASK rows the logits co
 - rows 0..k-1 are the target p for d_0..d_{k-1}, row k is the bonus (clean) row;
 - rows k+1..k+m propose the next drafts (conditioned on all drafts being right, so they are kept
   only when every draft was accepted; after a rejection the next round is a cold round).
+With `num_groups` g = k+1 (`draft_anchors="every"`) the m MASK rows are g groups of m/g, group a
+anchored at real row a (the pending token, then d_0 ..): it saw the block only up to that row, so
+when a drafts are accepted (d_a rejected, or a = k), group a proposes the drafts that follow the
+round's last token, and no cold round is needed. Its drafts are drawn from rows that never saw
+the token committed after the anchor (as a cold round's are), so verifying them is still exact.
 A cold round is k = 0 (the last prefill chunk is one: it carries the first MASK rows).
 AR mode is k = m = 0 throughout.
 
@@ -131,6 +136,7 @@ class ISDDecoder:
 
     def process(self, sched: SchedulerOutput, out: RunnerOutput) -> list[RoundResult]:
         finals = [(it, off) for it, off in zip(sched.items, out.row_offsets) if it.final]
+        item_of = [j for j, it in enumerate(sched.items) if it.final]  # index in sched.items of each final
         if not finals:
             return []
         logits = out.logits  # [R, V]
@@ -178,20 +184,27 @@ class ISDDecoder:
         tokens, num_out = tokens.tolist(), num_out.tolist()
 
         results = []
-        propose: list[tuple[ScheduledItem, int, int, list[int]]] = []  # (item, first mask row, next out idx, round tokens)
+        # (item, first MASK row of the proposing group, next output index, round tokens, its rows)
+        propose: list[tuple[ScheduledItem, int, int, list[int], int]] = []
         for i, (it, off) in enumerate(finals):
             n = num_out[i]
             res = RoundResult(item=it, tokens=tokens[i][:n], num_drafts=it.num_drafts, num_accepted=n - 1)
             res.accepted = [j < n - 1 for j in range(it.num_drafts)]
             results.append(res)
-            if res.num_accepted == it.num_drafts and it.num_masks > 0:
+            g = it.num_groups
+            if it.num_masks > 0 and (g > 1 or res.num_accepted == it.num_drafts):
+                # the group anchored at the last accepted row (the only group when g = 1)
+                size = it.num_masks // g
+                # g > 1: a row of the groups' hidden states (their logits are computed for this
+                # group only); else a row of `logits`
+                first = out.group_spans[item_of[i]] + res.num_accepted * size if g > 1 else off + it.num_drafts + 1
                 next_index = it.request.num_output_tokens + n
-                propose.append((it, off + it.num_drafts + 1, next_index, res.tokens))
+                propose.append((it, first, next_index, res.tokens, size))
             else:
                 it.request.clear_drafts()
         if want_lp:
             self._logprobs(want_lp, results, lp_off, lp_src, meta)
-        self._propose(propose, logits, meta, {id(r): i for i, r in enumerate(reqs)})
+        self._propose(propose, logits, out, meta, {id(r): i for i, r in enumerate(reqs)})
         for r in reqs:
             r.rng_step += 1
         return results
@@ -225,34 +238,56 @@ class ISDDecoder:
             return rows.argmax(-1)
         return kernels.sample(rows, ri, stream, meta, PURPOSE_DRAFT)
 
-    def _propose(self, propose, logits: torch.Tensor, meta: SamplingMetadata, req_pos: dict[int, int]) -> None:
-        """New drafts from the MASK rows of requests whose drafts were all accepted."""
+    @staticmethod
+    def _mask_logits(propose, logits: torch.Tensor, out: RunnerOutput) -> torch.Tensor:
+        """[M, V] the proposing MASK rows of every entry, in entry order: rows of `logits`, or (items
+        with several groups) of the one group kept, computed now from its hidden states."""
+        dev = logits.device
+        plain, grouped, at_plain, at_grouped = [], [], [], []
+        for it, first, _, _, m in propose:
+            rows, at = (grouped, at_grouped) if it.num_groups > 1 else (plain, at_plain)
+            at += range(len(plain) + len(grouped), len(plain) + len(grouped) + m)
+            rows += range(first, first + m)
+        if not grouped:
+            return logits.index_select(0, torch.tensor(plain, dtype=torch.long, device=dev))
+        g = out.logits_of(out.group_hidden.index_select(0, torch.tensor(grouped, dtype=torch.long, device=dev)))
+        if not plain:
+            return g
+        res = torch.empty(len(plain) + len(grouped), g.shape[1], dtype=g.dtype, device=dev)
+        res[torch.tensor(at_grouped, dtype=torch.long, device=dev)] = g
+        res[torch.tensor(at_plain, dtype=torch.long, device=dev)] = logits.index_select(
+            0, torch.tensor(plain, dtype=torch.long, device=dev))
+        return res
+
+    def _propose(self, propose, logits: torch.Tensor, out: RunnerOutput, meta: SamplingMetadata,
+                 req_pos: dict[int, int]) -> None:
+        """New drafts from the MASK rows of requests whose drafts were all accepted, or (several
+        groups) from the group verification kept."""
         if not propose:
             return
         dev, V = logits.device, logits.shape[1]
-        rows, req_index, stream = [], [], []
-        for it, first, _, _ in propose:
-            rows += range(first, first + it.num_masks)
-            req_index += [req_pos[id(it.request)]] * it.num_masks
-            stream += range(it.num_masks)
-        mask_logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))  # [M, V]
+        req_index, stream = [], []
+        for it, _, _, _, m in propose:
+            req_index += [req_pos[id(it.request)]] * m
+            stream += range(m)
+        mask_logits = self._mask_logits(propose, logits, out)  # [M, V]
         ri = torch.tensor(req_index, dtype=torch.long, device=dev)
         st = torch.tensor(stream, dtype=torch.long, device=dev)
         masker = None
         if self.grammar_drafts == "masked" and any(it.request.grammar is not None for it, *_ in propose):
             entries, pos = [], 0
-            for it, _, _, toks in propose:
+            for it, _, _, toks, m in propose:
                 if it.request.grammar is not None:
-                    entries.append((it.request.grammar, pos, toks, it.num_masks))
-                pos += it.num_masks
+                    entries.append((it.request.grammar, pos, toks, m))
+                pos += m
             masker = gm.DraftMasker(entries, V, self.mask_token_id) or None
         if masker is not None or any_processors([it.request for it, *_ in propose]):
             proposed = self._draw_positional(propose, mask_logits, ri, st, meta, masker)
         else:
             proposed = self._draw(mask_logits, ri, st, meta).tolist()
         pos = 0
-        for it, _, next_index, _ in propose:
-            req, m = it.request, it.num_masks
+        for it, _, next_index, _, m in propose:
+            req = it.request
             drafts = proposed[pos : pos + m]
             q_logits = mask_logits[pos : pos + m]
             pos += m
@@ -275,13 +310,13 @@ class ISDDecoder:
         rows < i), in place, then drawn; the rows are left as drawn from (they become q)."""
         dev = mask_logits.device
         starts, pos = [], 0
-        for it, *_ in propose:
+        for *_, m in propose:
             starts.append(pos)
-            pos += it.num_masks
+            pos += m
         proposed = [0] * pos
         try:
-            for i in range(max(it.num_masks for it, *_ in propose)):
-                live = [(it, s, toks) for (it, _, _, toks), s in zip(propose, starts) if it.num_masks > i]
+            for i in range(max(m for *_, m in propose)):
+                live = [(it, s, toks) for (it, _, _, toks, m), s in zip(propose, starts) if m > i]
                 if masker is not None:
                     t0 = time.perf_counter()
                     bm, rows = masker.fill(i, mask_logits.shape[0])

@@ -23,6 +23,7 @@ decoder or the model.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,6 +49,9 @@ class RunnerOutput:
     row_offsets: list[int]  # per item: first row in `logits` (-1 when the item is not final)
     prompt_hidden: torch.Tensor | None = None  # [P, H] prompt rows of requests with prompt logprobs
     prompt_spans: list[tuple[int, int, int]] | None = None  # (item index, first position, rows) per span
+    group_hidden: torch.Tensor | None = None  # [G, H] hidden states of the MASK groups of `group_rows`
+    group_spans: dict[int, int] | None = None  # item index -> its first row in `group_hidden`
+    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden [n, H] -> float32 logits [n, V]
 
 
 class ModelRunner:
@@ -106,6 +110,8 @@ class ModelRunner:
         return self._execute_kernel(batch)
 
     def _execute_kernel(self, batch: StepBatch) -> RunnerOutput:
+        if any(g > 1 for g in batch.groups):
+            raise ValueError("draft_anchors: MASK groups per anchor need the SDPA attention path (IDLM_ATTENTION=torch)")
         width = max((len(t) for t in batch.tables), default=1) or 1
         shape = StepShape.of(batch, width, self.cfg.num_kv_heads, self.device)
         inputs = pack_step(batch, width).to(self.device, non_blocking=True)
@@ -137,7 +143,8 @@ class ModelRunner:
         row_of = None
         if not batch.in_request_order:
             row_of = _row_of(q_lens, batch.c_real, batch.num_clean)
-        meta = AttentionMetadata.build(q_lens, batch.ctx, batch.tables, self.block_size, dev, row_of=row_of)
+        meta = AttentionMetadata.build(q_lens, batch.ctx, batch.tables, self.block_size, dev, row_of=row_of,
+                                       clean_lens=batch.c_real, mask_groups=batch.groups)
         input_ids = torch.tensor(batch.ids, dtype=torch.long, device=dev)  # [T]
         # R-ISD: MASK rows are rows num_clean.. (possibly none this step; the LoRA layers then use the
         # same packed weights as on MASK steps, so only one packed copy of each weight exists)
@@ -150,8 +157,21 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
-        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
-                                        row_of, batch)
+        out = RunnerOutput(logits=logits, row_offsets=batch.logit_offsets)
+        if batch.group_rows:
+            # several MASK groups per item: the decoder computes the logits of the one it keeps
+            rows, out.group_spans = [], {}
+            for item, first, n in batch.group_rows:
+                out.group_spans[item] = len(rows)
+                rows += range(first, first + n)
+            r = torch.tensor(rows, dtype=torch.long)
+            out.group_hidden = hidden.index_select(0, (r if row_of is None else row_of[r]).to(dev))
+            out.logits_of = self._float_logits
+        return self._with_prompt_hidden(out, hidden, row_of, batch)
+
+    @torch.inference_mode()
+    def _float_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden).float()  # [n, V]
 
     @staticmethod
     def _with_prompt_hidden(out: RunnerOutput, hidden, row_of, batch: StepBatch) -> RunnerOutput:

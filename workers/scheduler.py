@@ -48,7 +48,10 @@ class ScheduledItem:
     final: bool = False
     """True when the chunk reaches the request's last token: logits come back for it."""
     stride: int = 1
-    """The round's stride n (final items): up to n-1 drafts verified, up to n-1 MASK rows."""
+    """The round's stride n (final items): up to n-1 drafts verified, up to n-1 MASK rows per group."""
+    num_groups: int = 1
+    """MASK groups of `num_masks // num_groups` rows each: 1 (after the last real row), or with
+    `draft_anchors="every"` one per real row from the pending token on (num_drafts + 1)."""
 
     @property
     def num_rows(self) -> int:
@@ -79,13 +82,16 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, policy: StridePolicy | None = None
+        self, config: EngineConfig, block_manager: BlockManager, max_model_len: int, policy: StridePolicy | None = None,
+        every_anchor: bool = False,
     ) -> None:
         self.config = config
         self.blocks = block_manager
         self.max_model_len = max_model_len
         self.stride = config.stride
         self.policy = policy or StridePolicy(config.stride, adaptive=False)
+        self.every_anchor = every_anchor
+        """Verify rounds carry a MASK group after every real row (`EngineConfig.draft_anchors`)."""
         self.new_stride = config.stride
         """Stride of requests entering decode this step (chosen with the engine-wide acceptance)."""
         self.waiting: deque[Request] = deque()
@@ -131,8 +137,11 @@ class Scheduler:
         n = req.stride if num_real == 1 and req.stride else self.new_stride
         k = min(len(req.drafts), n - 1)  # a longer draft sequence is cut: its tail is never verified
         m = self.num_masks(req, k, n)
-        if num_real + k + m <= budget:
-            return ScheduledItem(req, num_real, k, m, final=True, stride=n)
+        g = k + 1 if self.every_anchor and k and m else 1
+        if g > 1 and (num_real + k + g * m > budget or req.num_tokens + k + g * m > self.max_model_len):
+            g = 1  # the groups do not fit this step (or the context): the one after the last draft
+        if num_real + k + g * m <= budget:
+            return ScheduledItem(req, num_real, k, g * m, final=True, stride=n, num_groups=g)
         if num_real > 1 and budget > 0:
             # Chunked prefill: stop short of the last token so no logits are needed yet.
             return ScheduledItem(req, min(budget, num_real - 1))

@@ -19,7 +19,10 @@ tokens and stays in verify rounds with probability P_{n-1} (else a cold round, 1
 so in the steady state
     tokens per round E(n) = (2 - P_{n-1} + P_1 + ... + P_{n-1}) / (2 - P_{n-1})
     rows per round   R(n) = n + (n - 1) / (2 - P_{n-1})     (cold rounds feed n rows, verify 2n-1)
-(uniform a = p gives the paper's (2 + p + ... + p^(n-2)) / (2 - p^(n-1))). `choose` maximises
+(uniform a = p gives the paper's (2 + p + ... + p^(n-2)) / (2 - p^(n-1))). With a MASK group
+after every real row (`draft_anchors="every"`, workers.isd) no round is cold: every round verifies
+n-1 drafts and commits 1 + P_1 + ... + P_{n-1} tokens from n + n(n-1) = n^2 rows (n(n-1) MASK).
+`choose` maximises
 sum_i E_i(n_i) / t(rows_other + sum_i R_i(n_i), sum_i (n_i - 1) MASK rows) over the allocations a
 price per row traces out
 (each request maximises E_i(n) - mu * R_i(n); a grid of mu from 0 to "every request AR"), scored
@@ -171,6 +174,16 @@ class AcceptanceEstimator:
             self.tried[j] = self.engine_decay * self.tried[j] + 1.0
             self.hits[j] = self.engine_decay * self.hits[j] + ok
 
+    def age(self, state: list[list[float]]) -> None:
+        """A round of the request without drafts (stride 1): its own evidence fades by
+        `request_decay`, so its estimate returns to the engine-wide one. Without this, a request
+        put on AR by a run of rejections has no way to learn that its text got easier again (no
+        drafts, no evidence) and stays AR until a probe picks it."""
+        tried, hits = state
+        for j in range(len(tried)):
+            tried[j] *= self.request_decay
+            hits[j] *= self.request_decay
+
     def new_state(self) -> list[list[float]]:
         return [[0.0] * self.max_drafts, [0.0] * self.max_drafts]
 
@@ -196,16 +209,25 @@ def round_value(rates: list[float], n: int) -> tuple[float, float]:
 _PRICES = np.concatenate([[0.0], np.geomspace(1e-3, 2.0, 40), [1e6]])
 
 
-def value_table(rates: list[float], max_stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """E(n), R(n) for n = 1..max_stride: two arrays [max_stride]."""
+def value_table(rates: list[float], max_stride: int, every_anchor: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """E(n), R(n) for n = 1..max_stride: two arrays [max_stride] (module docstring)."""
     e, r = np.ones(max_stride), np.ones(max_stride)
     P, cum = 1.0, 0.0
     for n in range(2, max_stride + 1):
         P *= rates[n - 2]
         cum += P
+        if every_anchor:
+            e[n - 1], r[n - 1] = 1.0 + cum, float(n * n)
+            continue
         d = 2.0 - P
         e[n - 1], r[n - 1] = (d + cum) / d, n + (n - 1) / d
     return e, r
+
+
+def mask_rows(max_stride: int, every_anchor: bool = False) -> np.ndarray:
+    """MASK rows of a round at stride n = 1..max_stride: [max_stride]."""
+    n = np.arange(1, max_stride + 1, dtype=float)
+    return n * (n - 1) if every_anchor else n - 1
 
 
 class StridePolicy:
@@ -213,8 +235,10 @@ class StridePolicy:
 
     def __init__(self, max_stride: int, adaptive: bool, cost: StepCostModel | None = None,
                  acceptance: AcceptanceEstimator | None = None, probe_every: int = 16,
-                 probe_requests: int = 4) -> None:
+                 probe_requests: int = 4, every_anchor: bool = False) -> None:
         self.max_stride = max_stride
+        self.every_anchor = every_anchor
+        """Verify rounds carry a MASK group per real row (no cold rounds): `value_table`'s other form."""
         self.adaptive = adaptive and max_stride > 1
         self.cost = cost
         self.acceptance = acceptance or AcceptanceEstimator(max(max_stride - 1, 1))
@@ -236,10 +260,10 @@ class StridePolicy:
         """The best strides (tokens per second of the step) for requests with these per-position
         rates; only the first `counted` count in the step (a further one is scored alone)."""
         N = self.max_stride
-        tables = [value_table(r, N) for r in rates]
+        tables = [value_table(r, N, self.every_anchor) for r in rates]
         E = np.stack([t[0] for t in tables])  # [K, N]
         R = np.stack([t[1] for t in tables])
-        M = np.broadcast_to(np.arange(N, dtype=float), E.shape)  # MASK rows at stride n: n-1
+        M = np.broadcast_to(mask_rows(N, self.every_anchor), E.shape)  # MASK rows at stride n
         # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
         # its convex hull); the allocation with the best exact tokens/second over the grid wins.
         choice = np.argmax(E[None] - _PRICES[:, None, None] * R[None], axis=2)  # [G, K]
