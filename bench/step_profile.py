@@ -8,6 +8,10 @@ accepted; the MASK rows are still computed with the gated LoRA as in serving. Ea
 
     .venv/bin/python bench/step_profile.py                       # C=1, context ~200, strides 1..4
     .venv/bin/python bench/step_profile.py --conc 1,4 --profile  # + top ops per mode (torch.profiler)
+    .venv/bin/python bench/step_profile.py --anchors every       # blocks with a MASK group per real row
+
+`--anchors last` (the default, the alpha of DESIGN §6): one MASK group, 2N-1 rows per request.
+`--anchors every` (`draft_anchors="every"`): N groups of N-1, N^2 rows (logits at 2N-1 of them).
 
 Writes bench/results/step_profile.json. A benchmark, never a test.
 """
@@ -81,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--anchors", choices=("last", "every"), default="last")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "step_profile.json"))
     a = ap.parse_args()
     import torch
@@ -96,7 +101,8 @@ def main() -> None:
                   kv_cache_tokens=max(concs) * (a.ctx + need + 64))
     ar = LLM("smollm2", mode="ar", **common)
     res = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "ctx": a.ctx, "dtype": a.dtype, "rows": {}}
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "ctx": a.ctx, "dtype": a.dtype,
+           "anchors": a.anchors, "rows": {}}
     for c in concs:
         prompts = make_prompts(ar.tokenizer, c, a.ctx)
         ref = {tuple(p): o.token_ids for p, o in zip(prompts, ar.generate(prompts, params))}
@@ -107,7 +113,8 @@ def main() -> None:
 
         engines = {"ar": ar}
         for n in range(2, a.stride + 1):
-            engines[f"risd-n{n}"] = LLM("smollm2", mode="risd", stride=n, adaptive_stride=False, drafter=oracle, **common)
+            engines[f"risd-n{n}"] = LLM("smollm2", mode="risd", stride=n, adaptive_stride=False, drafter=oracle,
+                                        draft_anchors=a.anchors, **common)
         meds: dict[str, list[float]] = {k: [] for k in engines}
         profs = {}
         for rep in range(a.repeats):  # interleaved so drift hits every mode alike
@@ -117,7 +124,9 @@ def main() -> None:
                 if table:
                     profs[name] = table
         row = {name: {"step_ms_median": 1e3 * statistics.median(v), "step_ms_min": 1e3 * min(v),
-                      "rows_per_request": 1 if name == "ar" else 2 * int(name[6:]) - 1} for name, v in meds.items()}
+                      "rows_per_request": 1 if name == "ar" else (int(name[6:]) ** 2 if a.anchors == "every"
+                                                                  else 2 * int(name[6:]) - 1)}
+               for name, v in meds.items()}
         for name in row:
             row[name]["alpha"] = row[name]["step_ms_median"] / row["ar"]["step_ms_median"]
         res["rows"][str(c)] = {"steps": row, "profile": profs}

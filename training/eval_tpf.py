@@ -32,6 +32,9 @@ def main(argv=None) -> None:
                          "the figure that counts; `training.data --far`), heldout (unseen pairings of trained "
                          "topics and templates) or novel (topics and templates no training prompt has)")
     ap.add_argument("--recompute-ar", action="store_true")
+    ap.add_argument("--anchors", choices=["last", "every"], default="last",
+                    help="draft_anchors of the R-ISD engine: last (one MASK group; the figures in "
+                         "docs/training.md) or every (a group per real row: no cold rounds)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
     for n in a.stride:
         # fixed stride: this measures the adapter's drafts at N, not the load-adaptive schedule
         llm = LLM(a.model, mode="risd", stride=n, adapter=a.adapter, device=a.device, dtype=a.dtype,
-                  adaptive_stride=False)
+                  adaptive_stride=False, draft_anchors=a.anchors)
         t0 = time.time()
         outs = []
         for i in range(0, len(prompts), a.batch):

@@ -169,8 +169,10 @@ class ModelRunner:
             out.logits_of = self._float_logits
         return self._with_prompt_hidden(out, hidden, row_of, batch)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _float_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # no_grad, not inference_mode: the decoder processes these rows in place (penalties,
+        # grammar masks), which inference tensors refuse outside inference mode
         return self.model.compute_logits(hidden).float()  # [n, V]
 
     @staticmethod
