@@ -233,8 +233,7 @@ class LLMEngine:
         cost = self.policy.cost
         # Decode-like steps (most rows need logits) are where the cost model is used: they refine
         # it, and their prediction and measurement are tracked side by side (moving averages).
-        groups = runner_out.group_hidden.shape[0] if runner_out.group_hidden is not None else 0
-        decode_like = cost is not None and 2 * (runner_out.logits.shape[0] + groups) >= rows
+        decode_like = cost is not None and 2 * runner_out.logits.shape[0] >= rows
         masks = sum(it.num_masks for it in sched.items)
         predicted = cost.predict(rows, masks) if decode_like else 0.0
         if decode_like:

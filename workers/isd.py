@@ -136,7 +136,6 @@ class ISDDecoder:
 
     def process(self, sched: SchedulerOutput, out: RunnerOutput) -> list[RoundResult]:
         finals = [(it, off) for it, off in zip(sched.items, out.row_offsets) if it.final]
-        item_of = [j for j, it in enumerate(sched.items) if it.final]  # index in sched.items of each final
         if not finals:
             return []
         logits = out.logits  # [R, V]
@@ -195,16 +194,14 @@ class ISDDecoder:
             if it.num_masks > 0 and (g > 1 or res.num_accepted == it.num_drafts):
                 # the group anchored at the last accepted row (the only group when g = 1)
                 size = it.num_masks // g
-                # g > 1: a row of the groups' hidden states (their logits are computed for this
-                # group only); else a row of `logits`
-                first = out.group_spans[item_of[i]] + res.num_accepted * size if g > 1 else off + it.num_drafts + 1
+                first = off + it.num_drafts + 1 + (res.num_accepted * size if g > 1 else 0)
                 next_index = it.request.num_output_tokens + n
                 propose.append((it, first, next_index, res.tokens, size))
             else:
                 it.request.clear_drafts()
         if want_lp:
             self._logprobs(want_lp, results, lp_off, lp_src, meta)
-        self._propose(propose, logits, out, meta, {id(r): i for i, r in enumerate(reqs)})
+        self._propose(propose, logits, meta, {id(r): i for i, r in enumerate(reqs)})
         for r in reqs:
             r.rng_step += 1
         return results
@@ -238,39 +235,18 @@ class ISDDecoder:
             return rows.argmax(-1)
         return kernels.sample(rows, ri, stream, meta, PURPOSE_DRAFT)
 
-    @staticmethod
-    def _mask_logits(propose, logits: torch.Tensor, out: RunnerOutput) -> torch.Tensor:
-        """[M, V] the proposing MASK rows of every entry, in entry order: rows of `logits`, or (items
-        with several groups) of the one group kept, computed now from its hidden states."""
-        dev = logits.device
-        plain, grouped, at_plain, at_grouped = [], [], [], []
-        for it, first, _, _, m in propose:
-            rows, at = (grouped, at_grouped) if it.num_groups > 1 else (plain, at_plain)
-            at += range(len(plain) + len(grouped), len(plain) + len(grouped) + m)
-            rows += range(first, first + m)
-        if not grouped:
-            return logits.index_select(0, torch.tensor(plain, dtype=torch.long, device=dev))
-        g = out.logits_of(out.group_hidden.index_select(0, torch.tensor(grouped, dtype=torch.long, device=dev)))
-        if not plain:
-            return g
-        res = torch.empty(len(plain) + len(grouped), g.shape[1], dtype=g.dtype, device=dev)
-        res[torch.tensor(at_grouped, dtype=torch.long, device=dev)] = g
-        res[torch.tensor(at_plain, dtype=torch.long, device=dev)] = logits.index_select(
-            0, torch.tensor(plain, dtype=torch.long, device=dev))
-        return res
-
-    def _propose(self, propose, logits: torch.Tensor, out: RunnerOutput, meta: SamplingMetadata,
-                 req_pos: dict[int, int]) -> None:
+    def _propose(self, propose, logits: torch.Tensor, meta: SamplingMetadata, req_pos: dict[int, int]) -> None:
         """New drafts from the MASK rows of requests whose drafts were all accepted, or (several
         groups) from the group verification kept."""
         if not propose:
             return
         dev, V = logits.device, logits.shape[1]
-        req_index, stream = [], []
-        for it, _, _, _, m in propose:
+        rows, req_index, stream = [], [], []
+        for it, first, _, _, m in propose:
+            rows += range(first, first + m)
             req_index += [req_pos[id(it.request)]] * m
             stream += range(m)
-        mask_logits = self._mask_logits(propose, logits, out)  # [M, V]
+        mask_logits = logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=dev))  # [M, V]
         ri = torch.tensor(req_index, dtype=torch.long, device=dev)
         st = torch.tensor(stream, dtype=torch.long, device=dev)
         masker = None

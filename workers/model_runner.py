@@ -23,7 +23,6 @@ decoder or the model.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,9 +48,6 @@ class RunnerOutput:
     row_offsets: list[int]  # per item: first row in `logits` (-1 when the item is not final)
     prompt_hidden: torch.Tensor | None = None  # [P, H] prompt rows of requests with prompt logprobs
     prompt_spans: list[tuple[int, int, int]] | None = None  # (item index, first position, rows) per span
-    group_hidden: torch.Tensor | None = None  # [G, H] hidden states of the MASK groups of `group_rows`
-    group_spans: dict[int, int] | None = None  # item index -> its first row in `group_hidden`
-    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden [n, H] -> float32 logits [n, V]
 
 
 class ModelRunner:
@@ -157,23 +153,8 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden.index_select(0, rows.to(dev))).float()  # [R, V]
         else:
             logits = torch.empty(0, self.cfg.vocab_size, device=dev)
-        out = RunnerOutput(logits=logits, row_offsets=batch.logit_offsets)
-        if batch.group_rows:
-            # several MASK groups per item: the decoder computes the logits of the one it keeps
-            rows, out.group_spans = [], {}
-            for item, first, n in batch.group_rows:
-                out.group_spans[item] = len(rows)
-                rows += range(first, first + n)
-            r = torch.tensor(rows, dtype=torch.long)
-            out.group_hidden = hidden.index_select(0, (r if row_of is None else row_of[r]).to(dev))
-            out.logits_of = self._float_logits
-        return self._with_prompt_hidden(out, hidden, row_of, batch)
-
-    @torch.no_grad()
-    def _float_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # no_grad, not inference_mode: the decoder processes these rows in place (penalties,
-        # grammar masks), which inference tensors refuse outside inference mode
-        return self.model.compute_logits(hidden).float()  # [n, V]
+        return self._with_prompt_hidden(RunnerOutput(logits=logits, row_offsets=batch.logit_offsets), hidden,
+                                        row_of, batch)
 
     @staticmethod
     def _with_prompt_hidden(out: RunnerOutput, hidden, row_of, batch: StepBatch) -> RunnerOutput:
