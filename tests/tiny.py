@@ -62,3 +62,12 @@ def naive_greedy(model: CausalLM, prompt: list[int], n: int) -> list[int]:
         h = model(torch.tensor(ids)[None], torch.arange(len(ids))[None])
         ids.append(int(model.compute_logits(h[0, -1]).argmax()))
     return ids[len(prompt) :]
+
+
+def greedy_setup(family: str, n: int = 8, seed: int = 3, max_new: int = 24):
+    """(loaded with a rank-4 LoRA switched off, n random prompts, their dense greedy continuations):
+    the setup of the ISD exactness tests that compare against AR."""
+    loaded = tiny_loaded(family, lora_rank=4)
+    loaded.model.has_lora = False
+    prompts = random_prompts(n, loaded.config.vocab_size, seed=seed)
+    return loaded, prompts, [naive_greedy(loaded.model, p, max_new) for p in prompts]

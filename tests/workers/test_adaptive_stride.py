@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from tests.tiny import naive_greedy, random_prompts, tiny_loaded
+from tests.tiny import greedy_setup, tiny_loaded
 from tests.workers.test_sampling_exactness import P_MIN, _chi2, _exact_ar_joint
 from workers import LLM, SamplingParams
 from workers.stride import AcceptanceEstimator, StepCostModel, StridePolicy, round_value, value_table
@@ -203,10 +203,7 @@ def test_acceptance_estimate_starts_at_the_engine_prior_and_moves_to_the_request
 # -- exactness under any stride schedule --------------------------------------------------------
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def tiny(request):
-    loaded = tiny_loaded(request.param, lora_rank=4)
-    loaded.model.has_lora = False
-    prompts = random_prompts(8, loaded.config.vocab_size, seed=3)
-    return loaded, prompts, [naive_greedy(loaded.model, p, GREEDY.max_tokens) for p in prompts]
+    return greedy_setup(request.param, seed=3, max_new=GREEDY.max_tokens)
 
 
 def _llm(loaded, mode, **kw):

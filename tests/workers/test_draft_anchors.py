@@ -6,8 +6,9 @@ stride value of the layout."""
 import pytest
 import torch
 
-from tests.tiny import naive_greedy, random_prompts, tiny_loaded
-from workers import LLM, SamplingParams
+from tests.tiny import greedy_setup
+from tests.workers.test_adaptive_stride import _llm
+from workers import SamplingParams
 from workers.batch_layout import StepBatch
 from workers.stride import AcceptanceEstimator, StepCostModel, StridePolicy, value_table
 
@@ -16,15 +17,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def tiny(request):
-    loaded = tiny_loaded(request.param, lora_rank=4)
-    loaded.model.has_lora = False
-    prompts = random_prompts(8, loaded.config.vocab_size, seed=5)
-    return loaded, prompts, [naive_greedy(loaded.model, p, GREEDY.max_tokens) for p in prompts]
-
-
-def _llm(loaded, mode, **kw):
-    loaded.model.has_lora = mode == "risd"
-    return LLM(loaded=loaded, mode=mode, stride=4, kv_cache_tokens=8192, max_num_batched_tokens=512, **kw)
+    return greedy_setup(request.param, seed=5, max_new=GREEDY.max_tokens)
 
 
 def _run(runner, reqs, mask_id):
