@@ -100,7 +100,8 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
     for system in systems:
         # risd-fixed: always the configured N; risd-fixed<n>: always n (the stride the policy runs most)
         # a "-last" suffix: MASK rows only after the last draft (draft_anchors="last"; default: every anchor)
-        base, last = (system[:-5], True) if system.endswith("-last") else (system, False)
+        base = system.removesuffix("-last")
+        last = base != system
         mode, _, fixed = base.partition("-fixed")
         adaptive = "-fixed" not in base
         engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,

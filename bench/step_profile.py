@@ -11,7 +11,7 @@ accepted; the MASK rows are still computed with the gated LoRA as in serving. Ea
     .venv/bin/python bench/step_profile.py --anchors every       # blocks with a MASK group per real row
 
 `--anchors last` (the default, the alpha of DESIGN §6): one MASK group, 2N-1 rows per request.
-`--anchors every` (`draft_anchors="every"`): N groups of N-1, N^2 rows (logits at 2N-1 of them).
+`--anchors every` (`draft_anchors="every"`): N groups of N-1, N^2 rows (logits at every row).
 
 Writes bench/results/step_profile.json. A benchmark, never a test.
 """
