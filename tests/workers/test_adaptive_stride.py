@@ -4,13 +4,21 @@ follows the exact AR law)."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from tests.tiny import greedy_setup, tiny_loaded
 from tests.workers.test_sampling_exactness import P_MIN, _chi2, _exact_ar_joint
 from workers import LLM, SamplingParams
-from workers.stride import AcceptanceEstimator, StepCostModel, StridePolicy, round_value, value_table
+from workers.stride import (
+    AcceptanceEstimator,
+    StepCostModel,
+    StridePolicy,
+    round_value,
+    value_table,
+    value_tables,
+)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
@@ -155,18 +163,46 @@ def test_mask_row_cost_is_learnt_from_steps_with_and_without_them():
 
 
 def test_an_up_probe_from_all_ar_is_held_so_its_drafts_are_verified():
-    """Drafting dear (a 100 ms gated-LoRA cost per step): the policy runs AR; its periodic up-probe
-    gives a request stride 2, and the next step keeps it at 2 so that draft is verified (a stride
-    of 1 would cut it, and acceptance could then never be learnt again)."""
+    """Drafting dear at this acceptance (0.3, a 20 ms gated-LoRA cost on 50 ms steps): the policy
+    runs AR; its periodic up-probe (which could pay were the drafts accepted) gives the requests
+    stride 2, and the next step keeps them at 2 so the drafts are verified (a stride of 1 would cut
+    them, and acceptance could then never be learnt again)."""
     pts = [1, 2, 4, 8, 16, 64]
-    pol = _policy([0.05] * 6, pts, 0.6)
-    pol.cost = StepCostModel(pts, [0.05] * 6, lora_cost=0.1)
+    pol = _policy([0.05] * 6, pts, 0.3)
+    pol.cost = StepCostModel(pts, [0.05] * 6, lora_cost=0.02)
     states = [pol.acceptance.new_state() for _ in range(2)]
     runs = [pol.choose(states)[0] for _ in range(4 * pol.probe_every + 1)]
     probe = 4 * pol.probe_every - 1
     assert all(r == [1, 1] for i, r in enumerate(runs) if i not in (probe, probe + 1))
     assert runs[probe] == runs[probe + 1] and max(runs[probe]) == 2
     assert pol.choose([pol.acceptance.new_state()])[0] == [1]  # the hold is for that request only
+
+
+def test_no_up_probe_where_drafting_cannot_pay_at_any_acceptance():
+    """A 100 ms gated-LoRA cost on 50 ms steps: even drafts that are always accepted (2 tokens per
+    round for 3x the time) lose, so the up-probes are skipped and every step stays AR; the same
+    policy with the LoRA cost at 20 ms probes (the test above)."""
+    pts = [1, 2, 4, 8, 16, 64]
+    pol = _policy([0.05] * 6, pts, 0.3)
+    pol.cost = StepCostModel(pts, [0.05] * 6, lora_cost=0.1)
+    states = [pol.acceptance.new_state() for _ in range(2)]
+    runs = [pol.choose(states)[0] for _ in range(8 * pol.probe_every + 1)]
+    assert all(r == [1, 1] for r in runs)
+    pol.cost = StepCostModel(pts, [0.05] * 6, lora_cost=0.02)
+    assert any(max(pol.choose(states)[0]) == 2 for _ in range(4 * pol.probe_every + 1))
+
+
+def test_vectorised_value_tables_equal_the_per_request_ones():
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0, 1, size=(9, 5))
+    for every in (False, True):
+        E, R = value_tables(rates, 6, every)
+        for k in range(9):
+            e, r = value_table(list(rates[k]), 6, every)
+            assert np.allclose(E[k], e) and np.allclose(R[k], r)
+            for n in range(1, 7):
+                if not every:
+                    assert round_value(list(rates[k]), n) == pytest.approx((e[n - 1], r[n - 1]))
 
 
 def test_policy_moves_to_the_stride_whole_steps_favour():
