@@ -269,7 +269,7 @@ class StridePolicy:
         """The best strides (tokens per second of the step) for requests with these per-position
         rates; only the first `counted` count in the step (a further one is scored alone)."""
         N = self.max_stride
-        E, R = value_tables(np.asarray(rates, dtype=float).reshape(len(rates), -1), N, self.every_anchor)  # [K, N]
+        E, R = self._tables(rates)  # [K, N]
         M = np.broadcast_to(mask_rows(N, self.every_anchor), E.shape)  # MASK rows at stride n
         # Each price mu per row gives one allocation (every request maximises E - mu*R: a point of
         # its convex hull); the allocation with the best exact tokens/second over the grid wins.
@@ -281,10 +281,13 @@ class StridePolicy:
         t = self.cost.predict_many(rows, masks)
         return (choice[int(np.argmax(tokens / np.maximum(t, 1e-9)))] + 1).tolist()
 
+    def _tables(self, rates: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
+        return value_tables(np.asarray(rates, dtype=float).reshape(len(rates), -1), self.max_stride, self.every_anchor)
+
     def _rate(self, rates: list[list[float]], strides: list[int], other_rows: int) -> float:
         """Expected tokens per second of a step with these strides (the cost model's time)."""
         N = self.max_stride
-        E, R = value_tables(np.asarray(rates, dtype=float).reshape(len(rates), -1), N, self.every_anchor)
+        E, R = self._tables(rates)
         i, n = np.arange(len(strides)), np.asarray(strides) - 1
         t = self.cost.predict(other_rows + R[i, n].sum(), mask_rows(N, self.every_anchor)[n].sum())
         return float(E[i, n].sum() / max(t, 1e-9))
@@ -327,7 +330,7 @@ class StridePolicy:
                     up[i] += 1
                 # Only a probe that could pay: with its requests' drafts all accepted, the longer
                 # strides must beat the choice under the cost model. At a load where rows are dear
-                # (C = 16, 64 on a CPU) none can, and those probes were ~1-2% of the step time.
+                # (C = 16, 64 on a CPU) almost none can, and those probes were ~1-2% of the step time.
                 best_case = [[1.0] * len(own[i]) if i in picked else own[i] for i in range(B)]
                 if self._rate(best_case, up, other_rows) > self._rate(own, strides[:B], other_rows):
                     strides[:B] = up
