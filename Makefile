@@ -30,7 +30,7 @@ test-slow: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check cluster workers kernels tests training bench
+	$(VENV)/bin/ruff check cluster workers idlm_kernels tests training bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-# bench/ holds kernels.py, which would shadow the top-level `kernels` package
+# bench/ holds kernels.py, which would shadow a top-level `kernels` package (e.g. HF hub kernels)
 sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 

@@ -39,11 +39,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels import SamplingMetadata  # noqa: E402
-from kernels.acceptance_ref import verify_ref  # noqa: E402
-from kernels.paged_attention import default_num_splits, paged_attention_triton  # noqa: E402
-from kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
-from kernels.rng import request_key  # noqa: E402
+from idlm_kernels import SamplingMetadata  # noqa: E402
+from idlm_kernels.acceptance_ref import verify_ref  # noqa: E402
+from idlm_kernels.paged_attention import default_num_splits, paged_attention_triton  # noqa: E402
+from idlm_kernels.paged_attention_ref import paged_attention_ref  # noqa: E402
+from idlm_kernels.rng import request_key  # noqa: E402
 
 VOCAB = 151_936
 HBM_BYTES_PER_S = 3.35e12  # H100 SXM5
@@ -155,7 +155,7 @@ def bench_attention(peak_gbps: float) -> list[dict]:
 
 
 def bench_acceptance(repeats: int) -> list[dict]:
-    from kernels.acceptance import verify_triton
+    from idlm_kernels.acceptance import verify_triton
 
     rows = []
     for B, K in SHAPES:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# bench/ holds kernels.py, which would shadow the top-level `kernels` package
+# bench/ holds kernels.py, which would shadow a top-level `kernels` package (e.g. HF hub kernels)
 sys.path[:] = [x for x in sys.path if Path(x or ".").resolve() != ROOT / "bench"]
 sys.path.insert(0, str(ROOT))
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from kernels import processed_probs
+from idlm_kernels import processed_probs
 from tests.tiny import tiny_loaded
 
 VOCAB = ["<eos>", "a", "b", "c", "ab", "ba", "bc", "x", "y", "z", "{", "}", "1", "2", "3", "aa"]

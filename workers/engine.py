@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.rng import request_key
+from idlm_kernels.rng import request_key
 from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig

@@ -39,9 +39,9 @@ from typing import Literal
 
 import torch
 
-import kernels
-from kernels import SamplingMetadata
-from kernels.rng import PURPOSE_DRAFT
+import idlm_kernels
+from idlm_kernels import SamplingMetadata
+from idlm_kernels.rng import PURPOSE_DRAFT
 from workers import grammar_masks as gm
 from workers import logprobs as lp
 from workers.logits_processors import LogitsProcessors, any_processors, apply
@@ -179,7 +179,7 @@ class ISDDecoder:
                 # Greedy requests never read q; zeros keep the flat layout aligned.
                 rows.append(r.draft_logits[:k] if r.draft_logits is not None else torch.zeros(k, V, device=dev))
             draft_logits = torch.cat(rows)  # [sum(k), V]
-        tokens, num_out = kernels.verify(target, draft_logits, draft_ids, nv, meta)
+        tokens, num_out = idlm_kernels.verify(target, draft_logits, draft_ids, nv, meta)
         tokens, num_out = tokens.tolist(), num_out.tolist()
 
         results = []
@@ -233,7 +233,7 @@ class ISDDecoder:
     def _draw(self, rows: torch.Tensor, ri: torch.Tensor, stream: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         if self.draft_mode == "argmax":
             return rows.argmax(-1)
-        return kernels.sample(rows, ri, stream, meta, PURPOSE_DRAFT)
+        return idlm_kernels.sample(rows, ri, stream, meta, PURPOSE_DRAFT)
 
     def _propose(self, propose, logits: torch.Tensor, meta: SamplingMetadata, req_pos: dict[int, int]) -> None:
         """New drafts from the MASK rows of requests whose drafts were all accepted, or (several

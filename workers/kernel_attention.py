@@ -6,8 +6,8 @@ graph), `pack_step` (one int32 host tensor per step: the only host-to-device cop
 inputs) and `KernelMetadata` (built from that tensor with tensor ops on the device, no host sync and
 no per-request Python; `build` runs inside a captured graph as well as eagerly).
 
-Per layer, `KernelMetadata.attend`: `kernels.write_kv` (this step's K/V into their slots; padding
-rows have slot -1), then `kernels.paged_attention`. The runner's flat batch puts every MASK row last
+Per layer, `KernelMetadata.attend`: `idlm_kernels.write_kv` (this step's K/V into their slots; padding
+rows have slot -1), then `idlm_kernels.paged_attention`. The runner's flat batch puts every MASK row last
 (`workers.batch_layout`), so a request's rows are not contiguous there, while the kernel contract
 wants each request's rows together (`query_start_loc`). We gather q into request order before the
 kernel and scatter the output back: one `index_select` each way per layer, [T, Hq, D] rows only
@@ -24,8 +24,8 @@ from itertools import chain
 
 import torch
 
-import kernels
-from kernels.paged_attention import default_num_splits
+import idlm_kernels
+from idlm_kernels.paged_attention import default_num_splits
 from workers.batch_layout import StepBatch, flat_rows, request_rows
 
 _PER_REQUEST = 5  # ctx, c_real, m_real, c_slot, m_slot
@@ -110,11 +110,11 @@ class KernelMetadata:
 
     def attend(self, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
         """q [T, Hq, D], k, v [T, Hkv, D] in flat order -> [T, Hq, D] in flat order."""
-        kernels.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        idlm_kernels.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
         if self.q_index is not None:
             q = q.index_select(0, self.q_index)
         s = self.shape
-        o = kernels.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start_loc,
+        o = idlm_kernels.paged_attention(q, k_cache, v_cache, self.block_tables, self.seq_lens, self.query_start_loc,
                                     self.block_size, scale, max_query_len=s.max_query_len,
                                     max_seq_len=s.max_seq_len, num_splits=s.num_splits)
         return o if self.out_index is None else o.index_select(0, self.out_index)

@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from kernels.acceptance_ref import truncation_threshold
+from idlm_kernels.acceptance_ref import truncation_threshold
 
 LogprobsMode = Literal["raw_logprobs", "processed_logprobs"]
 LOGPROBS_MODES: tuple[str, ...] = ("raw_logprobs", "processed_logprobs")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-import kernels
+import idlm_kernels
 from workers.attention import AttentionMetadata
 from workers.batch_layout import StepBatch, build_step_batch, flat_rows, request_index
 from workers.config import MAX_STRIDE
@@ -73,7 +73,7 @@ class ModelRunner:
         self.device = torch.device(device)
         self.dtype = dtype
         self.kv_caches = allocate_kv_cache(model_config, num_blocks, block_size, dtype, self.device)
-        self.kernel_path = kernels.attention_backend(self.device) == "triton"
+        self.kernel_path = idlm_kernels.attention_backend(self.device) == "triton"
         self.max_model_len = max_model_len or model_config.max_position_embeddings
         self.max_num_seqs = max_num_seqs
         self.graphs: CudaGraphRunner | None = None

@@ -32,7 +32,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     rng_key: int
-    """32-bit key of the request's random stream (kernels.rng.request_key(seed))."""
+    """32-bit key of the request's random stream (idlm_kernels.rng.request_key(seed))."""
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0

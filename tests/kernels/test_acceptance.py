@@ -1,4 +1,4 @@
-"""Triton acceptance kernels (`kernels.acceptance`) against the torch reference.
+"""Triton acceptance kernels (`idlm_kernels.acceptance`) against the torch reference.
 
 CPU: the Triton interpreter (`TRITON_INTERPRET=1`, set below and in tests/conftest.py before triton
 is imported). CUDA: the same comparisons, marked `gpu` (run with `-m gpu`). Both implementations
@@ -16,9 +16,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import chisquare  # noqa: E402
 
-from kernels import rng  # noqa: E402
-from kernels.acceptance import _stats, sample_triton, verify_triton  # noqa: E402
-from kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, processed_probs, sample_ref, verify_ref  # noqa: E402
+from idlm_kernels import rng  # noqa: E402
+from idlm_kernels.acceptance import _stats, sample_triton, verify_triton  # noqa: E402
+from idlm_kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, processed_probs, sample_ref, verify_ref  # noqa: E402
 from tests.kernels.test_acceptance_ref import mixed_case  # noqa: E402
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -1,4 +1,4 @@
-"""The vectorised torch reference (`kernels.acceptance_ref`) against its literal spec: the
+"""The vectorised torch reference (`idlm_kernels.acceptance_ref`) against its literal spec: the
 per-request loop below, which is the original, obviously-correct form of `verify_ref`. Results
 must be bit-identical; also row independence of `processed_probs` / `sample_ref` (a request's
 result never depends on its batch mates) and the truncation threshold used by the kernels."""
@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from kernels import rng
-from kernels.acceptance_ref import (
+from idlm_kernels import rng
+from idlm_kernels.acceptance_ref import (
     PLACEHOLDER,
     SamplingMetadata,
     processed_probs,

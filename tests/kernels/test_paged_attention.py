@@ -13,14 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.paged_attention import (
+import idlm_kernels
+from idlm_kernels.paged_attention import (
     attention_config,
     default_num_splits,
     paged_attention_triton,
     write_kv_triton,
 )
-from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
+from idlm_kernels.paged_attention_ref import paged_attention_ref, write_kv_ref
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -124,15 +124,15 @@ def test_dispatcher_forces_either_backend(monkeypatch):
     case = make_case([7, 2], [11, 30], 4, 2, 64, 16)
     ref = paged_attention_ref(*case, 16, 0.1)
     monkeypatch.setenv("IDLM_ATTENTION", "torch")
-    assert kernels.attention_backend("cpu") == "torch"
-    assert torch.equal(kernels.paged_attention(*case, 16, 0.1), ref)
+    assert idlm_kernels.attention_backend("cpu") == "torch"
+    assert torch.equal(idlm_kernels.paged_attention(*case, 16, 0.1), ref)
     monkeypatch.setenv("IDLM_ATTENTION", "triton")
-    torch.testing.assert_close(kernels.paged_attention(*case, 16, 0.1, num_splits=2), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(idlm_kernels.paged_attention(*case, 16, 0.1, num_splits=2), ref, rtol=0, atol=1e-5)
     monkeypatch.delenv("IDLM_ATTENTION")
-    assert kernels.attention_backend("cpu") == "torch"
+    assert idlm_kernels.attention_backend("cpu") == "torch"
     monkeypatch.setenv("IDLM_ATTENTION", "cuda")
     with pytest.raises(ValueError, match="^IDLM_ATTENTION: "):
-        kernels.attention_backend("cpu")
+        idlm_kernels.attention_backend("cpu")
 
 
 def test_contract_errors_name_the_argument():

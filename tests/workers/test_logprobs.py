@@ -6,7 +6,7 @@ processed distribution; prompt logprobs across chunked prefill; `n` fan-out."""
 import pytest
 import torch
 
-from kernels import processed_probs
+from idlm_kernels import processed_probs
 from tests.sampling_oracle import dense_logits, process_row
 from tests.tiny import random_prompts, tiny_loaded
 from workers import LLM, SamplingParams

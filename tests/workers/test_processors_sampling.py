@@ -7,7 +7,7 @@ and `logit_bias` change the support, `min_tokens` bans a token on the first rows
 import pytest
 import torch
 
-from kernels import processed_probs
+from idlm_kernels import processed_probs
 from tests.sampling_oracle import process_row
 from tests.tiny import tiny_loaded
 from tests.workers.test_sampling_exactness import P_MIN, _chi2

@@ -12,8 +12,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from kernels import SamplingMetadata, processed_probs, verify
-from kernels.rng import request_key
+from idlm_kernels import SamplingMetadata, processed_probs, verify
+from idlm_kernels.rng import request_key
 from tests.tiny import tiny_loaded
 from workers import LLM, SamplingParams
 

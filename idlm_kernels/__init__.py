@@ -13,13 +13,13 @@ import os
 
 import torch
 
-# The Triton module `kernels/paged_attention.py` shares its name with the entry point
-# `kernels.paged_attention` below. Importing a submodule binds it as an attribute of the package
+# The Triton module `idlm_kernels/paged_attention.py` shares its name with the entry point
+# `idlm_kernels.paged_attention` below. Importing a submodule binds it as an attribute of the package
 # (on its first import only), so it is imported here, once, before the function rebinds the name;
-# `from kernels.paged_attention import ...` keeps working. (This imports triton with the package.)
-from kernels import paged_attention as _paged_attention_module  # noqa: E402, F401
-from kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, processed_probs, sample_ref, verify_ref
-from kernels.paged_attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
+# `from idlm_kernels.paged_attention import ...` keeps working. (This imports triton with the package.)
+from idlm_kernels import paged_attention as _paged_attention_module  # noqa: E402, F401
+from idlm_kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, processed_probs, sample_ref, verify_ref
+from idlm_kernels.paged_attention_ref import paged_attention_ref, write_kv_ref  # noqa: E402
 
 __all__ = [
     "PLACEHOLDER", "SamplingMetadata", "attention_backend", "backend", "paged_attention", "processed_probs",
@@ -57,7 +57,7 @@ def _triton_available() -> bool:
 
 def verify(target_logits, draft_logits, draft_token_ids, num_drafts, meta):
     if backend(target_logits.device) == "triton":
-        from kernels.acceptance import verify_triton
+        from idlm_kernels.acceptance import verify_triton
 
         return verify_triton(target_logits, draft_logits, draft_token_ids, num_drafts, meta)
     return verify_ref(target_logits, draft_logits, draft_token_ids, num_drafts, meta)
@@ -68,7 +68,7 @@ def sample(logits, req_index, stream, meta, purpose):
     if meta.all_greedy:  # every backend's greedy rows are the argmax: skip the softmax work
         return logits.argmax(-1)
     if backend(logits.device) == "triton":
-        from kernels.acceptance import sample_triton
+        from idlm_kernels.acceptance import sample_triton
 
         return sample_triton(logits, req_index, stream, meta, purpose)
     return sample_ref(logits, req_index, stream, meta, purpose)[0]
@@ -76,8 +76,8 @@ def sample(logits, req_index, stream, meta, purpose):
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, block_size, scale, **hints):
     """Causal attention of a ragged flat batch against a paged KV cache; semantics and shapes in
-    `kernels/paged_attention_ref.py`. `hints` (Triton only): `max_query_len`, `max_seq_len`,
-    `num_splits` (see `kernels.paged_attention.paged_attention_triton`)."""
+    `idlm_kernels/paged_attention_ref.py`. `hints` (Triton only): `max_query_len`, `max_seq_len`,
+    `num_splits` (see `idlm_kernels.paged_attention.paged_attention_triton`)."""
     if attention_backend(q.device) == "triton":
         return _paged_attention_module.paged_attention_triton(q, k_cache, v_cache, block_tables, seq_lens,
                                                               query_start_loc, block_size, scale, **hints)

@@ -1,9 +1,9 @@
-"""The counter-based RNG of kernels.rng inside Triton kernels: murmur3 mixing on uint32, the
+"""The counter-based RNG of idlm_kernels.rng inside Triton kernels: murmur3 mixing on uint32, the
 per-(request, round, stream) row hash, uniforms strictly inside (0, 1) and one Exp(1) draw per
-(row, token). Bit-for-bit the same streams as the torch reference (kernels.rng), so the Triton
+(row, token). Bit-for-bit the same streams as the torch reference (idlm_kernels.rng), so the Triton
 and reference samplers draw the same numbers.
 
-Owns: `fmix32`, `row_hash`, `uniform`, `vocab_exp1` (all `@triton.jit`, used by kernels.acceptance).
+Owns: `fmix32`, `row_hash`, `uniform`, `vocab_exp1` (all `@triton.jit`, used by idlm_kernels.acceptance).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels import rng
+from idlm_kernels import rng
 
-# Hash constants of kernels.rng, as compile-time constants of the kernels.
+# Hash constants of idlm_kernels.rng, as compile-time constants of the kernels.
 _C_STEP = tl.constexpr(rng.C_STEP)
 _C_STREAM = tl.constexpr(rng.C_STREAM)
 _C_VOCAB = tl.constexpr(rng.C_VOCAB)
@@ -22,7 +22,7 @@ _C_VOCAB = tl.constexpr(rng.C_VOCAB)
 @triton.jit
 def fmix32(h):
     # murmur3 finaliser on uint32: products wrap mod 2^32 and >> is a logical shift, as in
-    # kernels.rng.fmix32 (which emulates this with int64 and masks).
+    # idlm_kernels.rng.fmix32 (which emulates this with int64 and masks).
     h = h ^ (h >> 16)
     h = h * tl.full((), 0x85EBCA6B, tl.uint32)
     h = h ^ (h >> 13)
@@ -39,7 +39,7 @@ def row_hash(key, step, word):
 
 @triton.jit
 def uniform(h):
-    # uint32 -> float32 strictly inside (0, 1): 23 random bits, centred, exact (see kernels.rng).
+    # uint32 -> float32 strictly inside (0, 1): 23 random bits, centred, exact (see idlm_kernels.rng).
     return ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 

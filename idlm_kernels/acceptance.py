@@ -1,4 +1,4 @@
-"""Triton kernels for ISD verification and sampling; `kernels/acceptance_ref.py` defines the
+"""Triton kernels for ISD verification and sampling; `idlm_kernels/acceptance_ref.py` defines the
 semantics and tests compare the two (on CPU under `TRITON_INTERPRET=1`, on CUDA when one is lent).
 
 Owns: the launchers `verify_triton` / `sample_triton` (they assert shapes, dtypes and contiguity
@@ -12,7 +12,7 @@ before every launch) and four kernels:
 - `_verify_sampled`: the ratio test `u * q(d) < p(d)` per draft, first rejection, then the residual
   max(0, p - q) (or the bonus row p when all drafts were accepted) sampled by an exponential race
   argmax_v w(v) / E_v over vocab blocks. The residual is never materialised, and the uniforms come
-  from the same counter-based hash as `kernels.rng`, computed in-kernel with uint32 arithmetic.
+  from the same counter-based hash as `idlm_kernels.rng`, computed in-kernel with uint32 arithmetic.
 - `_race_rows`: one token per row from the processed distribution (draft / bonus sampling).
 Top-k / top-p truncation is a torch op before the launch (`truncation_threshold`: one threshold per
 row on the scaled logits); the kernels apply it while reading the logits.
@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, truncation_threshold
-from kernels.triton_rng import fmix32, row_hash, uniform, vocab_exp1
+from idlm_kernels.acceptance_ref import PLACEHOLDER, SamplingMetadata, truncation_threshold
+from idlm_kernels.triton_rng import fmix32, row_hash, uniform, vocab_exp1
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,5 +1,5 @@
 """Plain-torch reference of ragged paged attention and of the KV write: it defines the semantics
-that `kernels/paged_attention.py` (Triton) must reproduce.
+that `idlm_kernels/paged_attention.py` (Triton) must reproduce.
 
 Owns: `paged_attention_ref`, `write_kv_ref` and `check_paged_inputs` (the shape/dtype contract both
 implementations assert before doing anything).

@@ -2,7 +2,7 @@
 
 Owns: `SamplingMetadata`, `processed_probs` (temperature -> top-k -> top-p, the request's AR sampling
 distribution), `sample_ref` (draw one token per row) and `verify_ref` (the speculative-sampling
-acceptance of a batch of draft blocks). The Triton kernels in `kernels/acceptance.py` must match it.
+acceptance of a batch of draft blocks). The Triton kernels in `idlm_kernels/acceptance.py` must match it.
 
 Vocabulary (as in vLLM's rejection sampler): for request i with k_i drafts, `target_logits` holds
 k_i + 1 rows: row j < k_i is the target distribution p_j for draft d_j, row k_i is the bonus row.
@@ -19,7 +19,7 @@ Rules (exact for any proposal q, see DESIGN §1):
   normalising or materialising a sampled CDF.
 - a draft proposed deterministically (argmax drafting, test drafters) is passed as one-hot logits
   (0 at the draft, -inf elsewhere), which makes q one-hot: accept with probability p(d).
-Random numbers come from `kernels.rng` keyed per request, so results are reproducible per seed.
+Random numbers come from `idlm_kernels.rng` keyed per request, so results are reproducible per seed.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import rng
+from idlm_kernels import rng
 
 PLACEHOLDER = -1
 # race_sample draws one uniform per (row, vocab entry); rows are processed in chunks of at most this

@@ -1,5 +1,5 @@
 """Triton ragged paged attention (prefill chunks and ISD blocks in one launch), its split-KV
-(flash-decoding) variant with a merge kernel, and the KV-write kernel. `kernels/paged_attention_ref.py`
+(flash-decoding) variant with a merge kernel, and the KV-write kernel. `idlm_kernels/paged_attention_ref.py`
 defines the semantics; tests compare the two (CPU: `TRITON_INTERPRET=1`, fp32/fp16; CUDA: bf16 too).
 
 Owns: the launchers `paged_attention_triton` / `write_kv_triton`, the launch-shape heuristics
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_attention_ref import check_paged_inputs
+from idlm_kernels.paged_attention_ref import check_paged_inputs
 
 _LOG2E = 1.4426950408889634
 TILE = 32
