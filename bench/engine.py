@@ -101,13 +101,15 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
     for system in systems:
         # risd-fixed: always the configured N; risd-fixed<n>: always n (the stride the policy runs most)
         # a "-last" suffix: MASK rows only after the last draft (draft_anchors="last"; default: every anchor)
-        base = system.removesuffix("-last")
-        last = base != system
+        # a "-noguard" suffix: the adaptive policy's choice without the measured guard (stride_guard=False)
+        guarded = system.removesuffix("-noguard")
+        base = guarded.removesuffix("-last")
+        guard, last = guarded == system, base != guarded
         mode, _, fixed = base.partition("-fixed")
         mode = "ar" if mode == "ar2" else mode
         adaptive = "-fixed" not in base
         engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
-                              draft_anchors="last" if last else "auto",
+                              stride_guard=guard, draft_anchors="last" if last else "auto",
                               max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=n_tok)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     tok = next(iter(engines.values())).tokenizer
@@ -145,9 +147,12 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
                 row["cost_model"] = {"overhead_ms": 1e3 * cost.overhead * cost.times[0], "scale": cost.scale,
                                      "step_ms_predicted_ema": 1e3 * st.step_time_predicted,
                                      "step_ms_measured_ema": 1e3 * st.step_time_measured}
+            guard = llm.engine.policy.guard
+            if guard is not None:  # measured tokens/s per arm and load level, so far
+                row["stride_guard"] = {"steps_by_arm": dict(guard.steps_by_arm), "levels": guard.summary()}
             out[system][0][c] = row
             print(f"  ours-{system} c={c}: {row['tok_s_median']:.1f} tok/s (median), TPF {row['tokens_per_forward']:.2f}, "
-                  f"rounds by stride {row['rounds_by_stride']} {row.get('cost_model', '')}", flush=True)
+                  f"rounds by stride {row['rounds_by_stride']} {row.get('cost_model', '')} {row.get('stride_guard', '')}", flush=True)
     for system, llm in engines.items():
         st = llm.stats()
         out[system][2].update(tokens_per_forward=st.tokens_per_forward, acceptance_rate=st.acceptance_rate,
@@ -219,7 +224,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="repeats=1, concurrency 1,4,16")
     ap.add_argument("--systems", default="ar,ar2,isd,risd,risd-fixed,hf,vllm",
                     help="ar, ar2 (a second AR engine: the A/A noise floor), isd, risd (adaptive stride), risd-fixed (always N), risd-fixed<n> (always n), hf, vllm; "
-                         "a -last suffix on isd/risd systems: MASK rows after the last draft only")
+                         "a -last suffix on isd/risd systems: MASK rows after the last draft only; "
+                         "a -noguard suffix: the adaptive stride without its measured guard")
     ap.add_argument("--out", default=str(RESULTS / "engine.json"))
     ap.add_argument("--setup-only", action="store_true",
                     help="only create bench/.vllm-venv and run a 4-token vllm generate smoke check (no timing)")
@@ -248,7 +254,8 @@ def main():
         "systems": {},
     }
     texts = {}
-    ours = [x for x in systems if x.removesuffix("-last") in ("ar", "ar2", "isd", "risd") or x.startswith("risd-fixed")]
+    ours = [x for x in systems if x.removesuffix("-noguard").removesuffix("-last") in ("ar", "ar2", "isd", "risd")
+            or x.startswith("risd-fixed")]
     if any(x.startswith("risd") for x in ours) and default_adapter("smollm2") is None:
         raise SystemExit("risd: the demo adapter workers/adapters/smollm2-risd is absent")
     if ours:

@@ -10,6 +10,7 @@ app builder, the replicas and the helm chart's tests (serveConfigV2 `args`) all 
     mode: isd                 # ar | isd | risd
     stride: 4                 # the most tokens per forward
     adaptive_stride: true     # each round pick every request's stride in 1..stride (load-adaptive)
+    stride_guard: true        # adaptive: run AR at loads where drafting is measured slower
     draft_anchors: auto       # auto | every (MASK group after each real row: no cold rounds) | last
     enable_prefix_caching: true  # reuse KV of shared prefixes (system prompts, earlier turns)
     enforce_eager: false      # CUDA: no CUDA graphs for decode steps
@@ -203,6 +204,7 @@ class AppConfig(_Strict):
     mode: Literal["ar", "isd", "risd"] = "isd"
     stride: int = Field(4, ge=1, le=16)
     adaptive_stride: bool = True
+    stride_guard: bool = True
     draft_anchors: Literal["auto", "last", "every"] = "auto"
     enable_prefix_caching: bool = True
     adapter: str | None = None
@@ -254,6 +256,7 @@ class AppConfig(_Strict):
             mode=self.mode,
             stride=self.stride,
             adaptive_stride=self.adaptive_stride,
+            stride_guard=self.stride_guard,
             draft_anchors=self.draft_anchors,
             enable_prefix_caching=self.enable_prefix_caching,
             adapter=self.adapter,

@@ -12,6 +12,8 @@ COUNTERS = {
     "idlm_requests": "Finished requests by finish reason.",
     "idlm_rounds_by_stride": "Decode rounds by the stride n they ran with (label `stride` = the round's n; "
                              "the adaptive stride picks n in 1..N).",
+    "idlm_stride_guard_steps": "Adaptive stride: decode steps by the arm of the measured guard (label `arm`: policy = "
+                               "the stride policy's choice, ar = every request at stride 1 where drafting measured slower).",
     "idlm_prefix_cache_queries": "Prefix-cache lookups in tokens (prompt tokens of admitted requests; "
                                  "re-admissions after preemption excluded).",
     "idlm_prefix_cache_hits": "Prefix-cache hits in tokens (tokens whose KV was reused, same requests as queries).",

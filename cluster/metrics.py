@@ -49,7 +49,8 @@ _OBS_FIELD = {
 class EngineMetricsExporter:
     def __init__(self, model: str, mode: str, stride: int, replica: str) -> None:
         self.tags = {"model": model, "mode": mode, "stride": str(stride), "replica": replica}
-        extra = {"idlm_accepted_tokens_per_pos": ("position",), "idlm_rounds": ("kind",), "idlm_requests": ("finish_reason",)}
+        extra = {"idlm_accepted_tokens_per_pos": ("position",), "idlm_rounds": ("kind",), "idlm_requests": ("finish_reason",),
+                 "idlm_stride_guard_steps": ("arm",)}
         self.counters = {n: rm.Counter(n, d, tag_keys=LABELS + extra.get(n, ())) for n, d in COUNTERS.items()
                          if n != "idlm_rounds_by_stride" and n not in ROUTER_COUNTERS}
         # its `stride` label is the round's stride (not the configured maximum, which it replaces)
@@ -88,6 +89,9 @@ class EngineMetricsExporter:
         for k, v in st.requests.items():
             if v - p.requests.get(k, 0) > 0:
                 c["idlm_requests"].inc(v - p.requests.get(k, 0), tags={**t, "finish_reason": k})
+        for k, v in st.stride_guard_steps.items():
+            if v - p.stride_guard_steps.get(k, 0) > 0:
+                c["idlm_stride_guard_steps"].inc(v - p.stride_guard_steps.get(k, 0), tags={**t, "arm": k})
         for n, v in st.rounds_by_stride.items():
             if v - p.rounds_by_stride.get(n, 0) > 0:
                 c["idlm_rounds_by_stride"].inc(v - p.rounds_by_stride.get(n, 0), tags={**t, "stride": str(n)})

@@ -35,6 +35,10 @@ class EngineConfig:
     adaptive_stride: bool = True
     """Each round pick every request's stride in 1..`stride` from a step-cost model and its
     acceptance (workers.stride); False: always `stride`. Lossless either way."""
+    stride_guard: bool = True
+    """Adaptive stride only: per load level, measure the committed tokens/s of the policy's choice
+    against every request at stride 1 and run the faster (workers.draft_guard), so drafting that
+    the cost model wrongly thinks pays is found and dropped. False: the policy's choice alone."""
     draft_anchors: Literal["auto", "last", "every"] = "auto"
     """Where a verify round's MASK rows go. `last`: one group after the last draft, so its drafts
     survive only if every draft is accepted (a rejection is followed by a cold round). `every`: one
@@ -97,6 +101,7 @@ class EngineConfig:
             # NOTE: AR is ISD with N=1: no drafts, no MASK rows.
             self.stride = 1
         _require(isinstance(self.adaptive_stride, bool), "adaptive_stride", f"must be a boolean, got {self.adaptive_stride!r}")
+        _require(isinstance(self.stride_guard, bool), "stride_guard", f"must be a boolean, got {self.stride_guard!r}")
         _require(self.draft_anchors in ("auto", "last", "every"), "draft_anchors",
                  f"must be 'auto', 'last' or 'every', got {self.draft_anchors!r}")
         _require(isinstance(self.enable_prefix_caching, bool), "enable_prefix_caching",

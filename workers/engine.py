@@ -19,6 +19,7 @@ from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.detokenizer import OutputProcessor
+from workers.draft_guard import DraftGuard
 from workers.grammar import GrammarBackend, GrammarManager
 from workers.isd import Drafter, ISDDecoder, RoundResult
 from workers.model_runner import ModelRunner
@@ -104,7 +105,8 @@ class LLMEngine:
                              "the Triton kernel path has no per-group masks")
         self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
             config.draft_anchors == "auto" and not self.runner.kernel_path))
-        self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, every_anchor=self.every_anchor)
+        self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, every_anchor=self.every_anchor,
+                                   guard=DraftGuard() if config.stride_guard else None)
         if self.policy.adaptive:
             # A short start-up calibration of step time against rows (refined online by `step`).
             block = config.stride ** 2 if self.every_anchor else 2 * config.stride - 1
@@ -228,8 +230,12 @@ class LLMEngine:
             res = by_req.get(id(it))
             self.scheduler.commit(it, res.num_accepted if res else 0)
         now = time.monotonic()
-        outputs = failed + [o for r in results if (o := self._apply(r, now)) is not None]
+        committed = [o for r in results if (o := self._apply(r, now)) is not None]
+        outputs = failed + committed
         rows, elapsed = sched.num_tokens, now - t0
+        if self.policy.guard is not None:  # after _apply, which asks the guard whether it forced AR
+            self.policy.guard.end_step(sum(len(o.new_token_ids) for o in committed), elapsed,
+                                       counted=all(it.num_real == 1 for it in sched.items))
         cost = self.policy.cost
         # Decode-like steps (most rows need logits) are where the cost model is used: they refine
         # it, and their prediction and measurement are tracked side by side (moving averages).
@@ -242,6 +248,8 @@ class LLMEngine:
             st.steps += 1
             st.preemptions += len(sched.preempted)
             st.add_prefix_cache(sched.cache)
+            if self.policy.guard is not None:
+                st.stride_guard_steps = dict(self.policy.guard.steps_by_arm)
             if decode_like:
                 w = 1.0 if st.step_time_measured == 0.0 else 0.1  # moving averages, seeded by the first step
                 st.step_time_predicted += w * (predicted - st.step_time_predicted)
@@ -294,7 +302,9 @@ class LLMEngine:
         m.num_output_tokens = req.num_output_tokens
         if res.num_drafts:
             self.policy.acceptance.observe(req.accept_state, res.num_drafts, res.num_accepted)
-        elif res.item.stride <= 1 and req.accept_state is not None:
+        elif res.item.stride <= 1 and req.accept_state is not None and not (
+                self.policy.guard is not None and self.policy.guard.forcing_ar):
+            # a stride the policy chose (the guard's AR epochs say nothing about this request)
             self.policy.acceptance.age(req.accept_state)
         with self.stats as (st, obs):
             st.generation_tokens += len(kept)

@@ -68,6 +68,9 @@ class EngineStats:
     decode-like steps (0 without adaptive stride)."""
     step_time_measured: float = 0.0
     """The measured durations of the same steps, same moving average."""
+    stride_guard_steps: dict[str, int] = field(default_factory=dict)
+    """Adaptive stride: decode-only steps run under each arm of the measured guard (`policy`: the
+    stride policy's choice, `ar`: every request at stride 1 because drafting measured slower there)."""
 
     @property
     def tokens_per_forward(self) -> float:

@@ -37,6 +37,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from workers.draft_guard import DraftGuard
+
 
 class StepCostModel:
     """Step time (seconds) against the rows in the step and how many of them are MASK rows: a
@@ -242,13 +244,17 @@ class StridePolicy:
 
     def __init__(self, max_stride: int, adaptive: bool, cost: StepCostModel | None = None,
                  acceptance: AcceptanceEstimator | None = None, probe_every: int = 16,
-                 probe_requests: int = 4, every_anchor: bool = False) -> None:
+                 probe_requests: int = 4, every_anchor: bool = False, guard: DraftGuard | None = None) -> None:
         self.max_stride = max_stride
         self.every_anchor = every_anchor
         """Verify rounds carry a MASK group per real row (no cold rounds): `value_table`'s other form."""
         self.adaptive = adaptive and max_stride > 1
         self.cost = cost
         self.acceptance = acceptance or AcceptanceEstimator(max(max_stride - 1, 1))
+        self.guard = guard if self.adaptive else None
+        """Measured check of the choice (workers.draft_guard): at a load where the policy's drafting
+        is measured slower than running every request AR, the guard runs AR and the policy is not
+        consulted (no choice, no probes)."""
         # Exploration: the cost model only learns at the row counts it runs, and acceptance only
         # where drafts are verified. Every `probe_every` steps the choice is perturbed, down and up
         # in turn: down, an AR step when it chose drafting; up, one stride longer for up to
@@ -302,6 +308,9 @@ class StridePolicy:
         N = self.max_stride
         if not self.adaptive or self.cost is None:
             return [N] * len(states), N
+        if states and self.guard is not None and not self.guard.begin_step(len(states)):
+            self._hold = {}  # a probe's hold ends with the policy's epoch
+            return [1] * len(states), 1
         engine = self.acceptance.engine_rates()
         own = [self.acceptance.rates(s) for s in states]
         strides = self._best(own + [engine], len(states), other_rows)

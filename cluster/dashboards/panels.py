@@ -167,6 +167,11 @@ ISD = Row("Throughput and introspective strided decoding", [
           "(memory-bound forwards), n = 1 (AR) under heavy load.", [
               Target(f"sum by (stride) ({rate(m('idlm_rounds_by_stride'))})", "n={{stride}}"),
           ], unit="ops", stack=True),
+    Panel("Stride guard: steps by arm (adaptive stride)",
+          "Decode steps per second run with the stride policy's choice (policy) or all AR (ar) because "
+          "drafting was measured slower at that load. Mostly ar: ISD does not pay at this load here.", [
+              Target(f"sum by (arm) ({rate(m('idlm_stride_guard_steps'))})", "{{arm}}"),
+          ], unit="ops", stack=True),
     Panel("Step time: cost model vs measured",
           "The adaptive stride's step-cost model (predicted) against measured step time, moving "
           "averages over decode steps, per replica. Far apart: the model is re-learning.", [

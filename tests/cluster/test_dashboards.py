@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Labels each family carries. Engine: cluster.metric_names.LABELS + per-metric extras (see
 # cluster/metrics.py); Ray Serve: the tag_keys in Ray's source (+ Ray's default tags).
 ENGINE_EXTRA = {"idlm_accepted_tokens_per_pos": {"position"}, "idlm_rounds": {"kind"}, "idlm_requests": {"finish_reason"},
-                "idlm_router_decisions": {"outcome"}}
+                "idlm_router_decisions": {"outcome"}, "idlm_stride_guard_steps": {"arm"}}
 SERVE_LABELS = {
     "serve_num_http_requests": {"route", "method", "application", "status_code"},
     "serve_num_http_error_requests": {"route", "error_code", "method", "application"},

@@ -7,6 +7,7 @@ DESIGN_COUNTERS = [
     "idlm_draft_tokens_total", "idlm_accepted_tokens_total", "idlm_accepted_tokens_per_pos_total",
     "idlm_rounds_total", "idlm_requests_total",
     "idlm_rounds_by_stride_total",  # DESIGN §3 "added with the features that need them": adaptive stride
+    "idlm_stride_guard_steps_total",  # the adaptive stride's measured guard (workers.draft_guard)
     # prefix caching and the prefix router
     "idlm_prefix_cache_queries_total", "idlm_prefix_cache_hits_total", "idlm_prefix_cache_evictions_total",
     "idlm_router_decisions_total",
