@@ -1,8 +1,9 @@
 """Our engines under continuous batching: R requests queued on C slots (`max_num_seqs = C`), so a
 request that finishes early frees its slot for the next one (unlike `bench/engine.py`, where one
 wave of C requests runs in lockstep to the same length). Systems ar, ar2 (a second AR engine: the
-A/A noise floor), risd (adaptive stride) on one loaded SmolLM2 with the demo adapter; repeats
-interleaved, the order reversed every other repeat; greedy tokens compared with ar.
+A/A noise floor), risd (adaptive stride; risd-noguard: without its measured guard) on one loaded
+SmolLM2 with the demo adapter; repeats interleaved, the order reversed every other repeat; greedy
+tokens compared with ar.
 
     .venv/bin/python bench/continuous_batching.py --conc 4 --requests 16 --repeats 4
 
@@ -32,11 +33,13 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--systems", default="ar,ar2,risd")
+    ap.add_argument("--systems", default="ar,ar2,risd", help="ar, ar2, isd, risd, risd-noguard")
     a = ap.parse_args()
     systems = a.systems.split(",")
     loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=4))
-    eng = {s: LLM("smollm2", loaded=loaded, mode="ar" if s == "ar2" else s, stride=4, max_num_seqs=a.conc,
+    # "risd-noguard": the adaptive stride without its measured guard (stride_guard=False)
+    eng = {s: LLM("smollm2", loaded=loaded, mode="ar" if s == "ar2" else s.removesuffix("-noguard"), stride=4,
+                  stride_guard=not s.endswith("-noguard"), max_num_seqs=a.conc,
                   max_num_batched_tokens=4096, kv_cache_tokens=a.requests * (a.max_tokens + 200)) for s in systems}
     ps = prompts_for(eng[systems[0]].tokenizer, a.requests)
     sp = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)

@@ -122,7 +122,7 @@ def test_row_buckets_are_few_and_tight():
 @pytest.mark.parametrize("k,n", [(576, 992), (1536, 576), (64, 200)])
 def test_bucketed_onednn_rows_are_bitwise_the_exact_products(k, n):
     """The zero rows appended to reach a bucket change no real row: each row's outputs equal the
-    product at the exact row count, bit for bit (and F.linear within float tolerance)."""
+    product at the exact row count, bit for bit (and the float64 product within fp32 rounding)."""
     g = torch.Generator().manual_seed(k)
     w, bias, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(700, k, generator=g)
     packed = torch.ops.mkldnn._reorder_linear_weight(w)
@@ -131,7 +131,11 @@ def test_bucketed_onednn_rows_are_bitwise_the_exact_products(k, n):
         exact = torch.ops.mkldnn._linear_pointwise(x[:m].contiguous(), packed, bias, "none", [], "")
         got = onednn_linear(x[:m], packed, bias)
         assert got.shape == (m, n) and torch.equal(got, exact), m
-    torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-4, atol=1e-4)
+    # the right product: against float64, within fp32 accumulation error (~eps * sqrt(k) of the
+    # output scale; which BLAS kernel runs, and so the rounding, depends on the CPU)
+    ref = F.linear(x.double(), w.double(), bias.double())
+    err = (got.double() - ref).abs().max().item()
+    assert err <= 1e-6 * k**0.5 * ref.abs().max().item(), err
 
 
 def test_gradients_flow_through_the_lora_and_not_the_packed_path():
