@@ -257,7 +257,8 @@ class StridePolicy:
         consulted (no choice, no probes)."""
         # Exploration: the cost model only learns at the row counts it runs, and acceptance only
         # where drafts are verified. Every `probe_every` steps the choice is perturbed, down and up
-        # in turn: down, an AR step when it chose drafting; up, one stride longer for up to
+        # in turn: down, an AR step when it chose drafting (not with a guard, whose AR epochs
+        # show the model the AR steps); up, one stride longer for up to
         # `probe_requests` requests (the rows of a stride it does not run, which it could
         # otherwise never learn are cheap). An up-probe is skipped when even every one of its
         # drafts accepted would not beat the choice under the cost model (rows too dear at this
@@ -331,7 +332,11 @@ class StridePolicy:
             k = self._calls // self.probe_every
             longer = [i for i in range(B) if strides[i] < N]
             if k % 2 == 0 and any(n > 1 for n in strides[:B]):
-                strides[:B] = [1] * B
+                # A down-probe (one AR step) shows the cost model the AR step at this load. With
+                # the guard its AR epochs do that (their steps refine the same model), and a lone
+                # AR step is dear in ISD: it cuts every draft, so the next round verifies none.
+                if self.guard is None:
+                    strides[:B] = [1] * B
             elif longer:
                 picked = [longer[(k + j) % len(longer)] for j in range(min(len(longer), self.probe_requests))]
                 up = list(strides[:B])

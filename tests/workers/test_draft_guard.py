@@ -120,3 +120,17 @@ def test_engine_with_guard_is_exact_and_runs_both_arms():
     assert LLM(loaded=loaded, mode="isd", stride=4, stride_guard=False, kv_cache_tokens=8192).engine.policy.guard is None
     with pytest.raises(ValueError, match="stride_guard"):
         LLM(loaded=loaded, mode="isd", stride_guard="yes")
+
+
+def test_with_a_guard_the_policy_makes_no_down_probe():
+    """Without a guard the policy's probes include lone AR steps (the cost model's only view of AR
+    while drafting); with one, its AR epochs give that view and the lone AR steps, which cut every
+    draft, are not made."""
+    ar_steps = {}
+    for guarded in (False, True):
+        pol = StridePolicy(4, adaptive=True, cost=StepCostModel([1, 2, 4, 8, 16], [0.05] * 5), probe_every=4,
+                           acceptance=AcceptanceEstimator(3, prior=0.9, prior_weight=1e6),
+                           guard=DraftGuard(epoch_steps=10**6) if guarded else None)  # one long policy epoch
+        states = [pol.acceptance.new_state()]
+        ar_steps[guarded] = sum(pol.choose(states)[0] == [1] for _ in range(64))
+    assert ar_steps == {False: 8, True: 0}
