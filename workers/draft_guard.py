@@ -73,6 +73,10 @@ class _Level:
 
 
 class DraftGuard:
+    """Per load level, the arm (`policy` or `ar`) with the higher measured committed tokens per
+    second over decode-only steps (module docstring). Driven by the engine's step loop:
+    `begin_step` from the stride policy before its choice, `end_step` after the step commits."""
+
     def __init__(self, epoch_steps: int = 16, min_patience: int = 2, max_patience: int = 32,
                  decay: float = 0.5) -> None:
         if epoch_steps < 1 or not 1 <= min_patience <= max_patience or not 0.0 < decay <= 1.0:

@@ -18,12 +18,14 @@ from idlm_kernels.rng import request_key
 from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
+from workers.cpu_gemm import apply_torch_rows, choose_torch_rows
 from workers.detokenizer import OutputProcessor
 from workers.draft_guard import DraftGuard
 from workers.grammar import GrammarBackend, GrammarManager
 from workers.isd import Drafter, ISDDecoder, RoundResult
 from workers.model_runner import ModelRunner
 from workers.models.config import ModelConfig
+from workers.models.linear import cpu_gemm_backend
 from workers.models.transformer import CausalLM
 from workers.outputs import RequestOutput
 from workers.request import Request, RequestStatus
@@ -105,6 +107,11 @@ class LLMEngine:
                              "the Triton kernel path has no per-group masks")
         self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
             config.draft_anchors == "auto" and not self.runner.kernel_path))
+        model = loaded.model
+        if self.runner.device.type == "cpu" and cpu_gemm_backend() == "auto" and getattr(model, "torch_gemm_rows", None) is None:
+            # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded model
+            # (engines sharing a model share it), before the stride policy calibrates its costs.
+            model.torch_gemm_rows = choose_torch_rows(self.runner.time_rows, lambda rows: apply_torch_rows(model, rows))
         self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, every_anchor=self.every_anchor,
                                    guard=DraftGuard() if config.stride_guard else None)
         if self.policy.adaptive:

@@ -36,10 +36,12 @@ an index tensor (dense training batches), or None (no LoRA this call)."""
 
 
 def cpu_gemm_backend() -> str:
-    """`onednn` (default) or `torch`, from `IDLM_CPU_GEMM` (read on every call, so tests can switch)."""
-    v = os.environ.get("IDLM_CPU_GEMM", "onednn").strip().lower() or "onednn"
-    if v not in ("onednn", "torch"):
-        raise ValueError(f"IDLM_CPU_GEMM: must be 'onednn' or 'torch', got {v!r}")
+    """`auto` (default: oneDNN, except at the row counts where the engine measured `F.linear`
+    faster, `LoRALinear.torch_rows`), `onednn` or `torch` (forced everywhere), from `IDLM_CPU_GEMM`
+    (read on every call, so tests can switch)."""
+    v = os.environ.get("IDLM_CPU_GEMM", "auto").strip().lower() or "auto"
+    if v not in ("auto", "onednn", "torch"):
+        raise ValueError(f"IDLM_CPU_GEMM: must be 'auto', 'onednn' or 'torch', got {v!r}")
     return v
 
 
@@ -87,6 +89,9 @@ class LoRALinear(nn.Linear):
         self._packed: tuple | None = None  # (weight, its version, -, oneDNN weight or None if unsupported)
         self._packed_lora: tuple | None = None  # (weight, its version, LoRA versions, oneDNN [W; A])
         self._fused: tuple | None = None  # (versions of the LoRA params, A [S*r, in], B [out, S*r] * scaling)
+        self.torch_rows: frozenset[int] = frozenset()
+        """Row counts whose products run on `F.linear` under `IDLM_CPU_GEMM=auto`: on some CPUs
+        MKL's 1-3-row path beats oneDNN's (workers.cpu_gemm measures it at engine start)."""
         self._lora_changed()
 
     # -- slices ---------------------------------------------------------------------------------
@@ -169,7 +174,7 @@ class LoRALinear(nn.Linear):
             # The price: an R-ISD engine that runs both kinds of steps keeps both packed copies.
             return self._base(x)
         a, b = self._fused_lora()
-        merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 else None
+        merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 and self._packed_rows(x.shape[0]) else None
         if merged is not None:
             # One oneDNN GEMM against [W; A]: the base output and every row's x @ A^T (the clean
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
@@ -209,11 +214,19 @@ class LoRALinear(nn.Linear):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        if x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
+                and self._packed_rows(x.shape[0]):
             packed = self._packed_weight()
             if packed is not None:
                 return onednn_linear(x, packed, self.bias)
         return F.linear(x, w, self.bias)
+
+    def _packed_rows(self, m: int) -> bool:
+        """Whether a product of `m` rows may take the oneDNN path (`IDLM_CPU_GEMM`, `torch_rows`).
+        Both of a step's products (with and without LoRA A) follow the same rule, so a step's
+        clean rows stay bitwise the base product at its row count."""
+        backend = cpu_gemm_backend()
+        return backend == "onednn" or (backend == "auto" and m not in self.torch_rows)
 
     def _packed_weight(self, with_lora_a: bool = False) -> torch.Tensor | None:
         """The weight in oneDNN's layout (None where that path is off); `with_lora_a`: the weight
