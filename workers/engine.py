@@ -119,7 +119,8 @@ class LLMEngine:
             block = config.stride ** 2 if self.every_anchor else 2 * config.stride - 1
             max_rows = min(config.max_num_batched_tokens, config.max_num_seqs * block,
                            config.num_blocks * config.kv_block_size)
-            self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1), masks=True)
+            self.policy.cost = StepCostModel.calibrate(self.runner.time_rows, max(max_rows, 1), masks=True,
+                                                       block_rows=4 if self.every_anchor else 3)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy, every_anchor=self.every_anchor)
         eos = list(mcfg.eos_token_ids)
         if self.tokenizer is not None and getattr(self.tokenizer, "eos_token_id", None) is not None:

@@ -80,35 +80,41 @@ class StepCostModel:
 
     @classmethod
     def calibrate(cls, time_rows: Callable[..., float], max_rows: int, rounds: int = 2,
-                  max_seconds: float = 0.3, masks: bool = False) -> StepCostModel:
-        """Times `time_rows(r)` (one forward of r clean rows, seconds) at r = 1, 2, 4, ... up to
-        `max_rows` (or until one forward takes `max_seconds`; beyond, the last slope is extended).
-        One untimed pass first (lazy weight packing, first touch of the KV pages), then `rounds`
-        interleaved passes; each point keeps its minimum (timing noise only ever adds). `masks`:
-        also time 7-row blocks with 1 and 3 MASK rows (`time_rows(7, m)`: an N=4 verify block is
-        4 clean + 3 MASK) for the cost of a step with MASK rows and of each one."""
-        block = masks and max_rows >= 7  # an N=4 verify block: 4 clean rows and 3 MASK rows
+                  max_seconds: float = 0.3, masks: bool = False, block_rows: int = 7,
+                  dense: int = 8) -> StepCostModel:
+        """Times `time_rows(r)` (one forward of r clean rows, seconds) at every r up to `dense`,
+        then 2x apart (16, 32, ...) up to `max_rows` (or until one forward takes `max_seconds`;
+        beyond, the last slope is extended). Every small row count is its own point because the
+        curve is not smooth there: the CPU GEMM can change backend between two row counts
+        (workers.cpu_gemm: e.g. MKL up to 3 rows, oneDNN from 4). One untimed pass first (lazy
+        weight packing, first touch of the KV pages), then `rounds` interleaved passes; each point
+        keeps its minimum (timing noise only ever adds). `masks`: also time `block_rows`-row blocks
+        with 1 and with `block_rows - 1` MASK rows (`time_rows(rows, masks)`) for the cost of a
+        step with MASK rows and of each one; the engine passes its stride-2 block (3 rows with one
+        MASK group after the last draft, 4 with a group per real row), the drafting step the
+        policy weighs against AR most often."""
+        block = masks and 3 <= block_rows <= max_rows
         time_rows(1)  # warm-up: lazy weight packing (slow once), so it cannot end the sweep early
         if block:
-            time_rows(7, 3)  # the same for the weights merged with LoRA A
+            time_rows(block_rows, block_rows - 1)  # the same for the weights merged with LoRA A
         points, r = [], 1
         while r <= max_rows:
             points.append(r)
             if time_rows(r) > max_seconds:
                 break
-            r *= 2
+            r = r + 1 if r < dense else 2 * r
         if points[-1] < max_rows and r > max_rows and time_rows(max_rows) <= max_seconds:
             points.append(max_rows)
-        best, one, three = [math.inf] * len(points), math.inf, math.inf
+        best, few, many = [math.inf] * len(points), math.inf, math.inf
         for _ in range(rounds):
             for i, p in enumerate(points):
                 best[i] = min(best[i], time_rows(p))
             if block:
-                one, three = min(one, time_rows(7, 1)), min(three, time_rows(7, 3))
+                few, many = min(few, time_rows(block_rows, 1)), min(many, time_rows(block_rows, block_rows - 1))
         if not block:
             return cls(points, best)
-        per_mask = max((three - one) / 2, 0.0)
-        lora = max(one - float(cls(points, best).forward_time(7)) - per_mask, 0.0)
+        per_mask = max((many - few) / (block_rows - 2), 0.0)
+        lora = max(few - float(cls(points, best).forward_time(block_rows)) - per_mask, 0.0)
         return cls(points, best, mask_cost=per_mask, lora_cost=lora)
 
     def forward_time(self, rows: np.ndarray | float) -> np.ndarray:

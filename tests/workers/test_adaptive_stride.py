@@ -109,8 +109,15 @@ def test_cost_model_interpolates_calibrates_and_refines():
         return 0.01 + 0.001 * rows + 0.004 * (masks > 0) + 0.002 * masks
 
     m = StepCostModel.calibrate(fake, 100, masks=True)
-    assert m.points == [1, 2, 4, 8, 16, 32, 64, 100] and calls[:2] == [1, 7]  # warm-ups first
-    assert m.mask_cost == pytest.approx(0.002) and m.lora_cost == pytest.approx(0.004)  # 7-row blocks, 1 and 3 MASKs
+    assert m.points == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 100] and calls[:2] == [1, 7]  # warm-ups first
+    assert m.mask_cost == pytest.approx(0.002) and m.lora_cost == pytest.approx(0.004)  # 7-row blocks, 1 and 6 MASKs
+    # a GEMM that changes backend between 3 and 4 rows (workers.cpu_gemm): the 3-row step is
+    # priced as measured, not between 2 and 4
+    step = StepCostModel.calibrate(lambda r, m=0: 0.01 if r <= 3 else 0.02, 64)
+    assert step.predict(3) == pytest.approx(0.01) and step.predict(4) == pytest.approx(0.02)
+    calls.clear()
+    m3 = StepCostModel.calibrate(fake, 100, masks=True, block_rows=3)  # the engine's stride-2 block, one group
+    assert calls[:2] == [1, 3] and m3.mask_cost == pytest.approx(0.002) and m3.lora_cost == pytest.approx(0.004)
     assert m.predict(7, 3) == pytest.approx(fake(7, 3))
     assert m.predict(50) == pytest.approx(0.06)
     assert m.slope(50) == pytest.approx(0.001)
