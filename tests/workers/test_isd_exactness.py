@@ -23,6 +23,9 @@ def setup(request):
 
 def _engine(loaded, mode, stride, **kw):
     loaded.model.has_lora = mode == "risd"
+    # fixed stride: the drafted path is under test; the load-adaptive policy picks strides from
+    # measured step times and may run a random model AR (its exactness: test_adaptive_stride.py)
+    kw.setdefault("adaptive_stride", False)
     return LLM(loaded=loaded, mode=mode, stride=stride, kv_cache_tokens=8192, max_num_batched_tokens=512, **kw)
 
 

@@ -63,7 +63,8 @@ def test_isd_and_risd_greedy_equal_ar_on_smollm2(smol):
         risd = LLM(loaded=_loaded(smol, True), kv_cache_tokens=8192, mode="risd", stride=4, adaptive_stride=adaptive)
         assert [o.token_ids for o in risd.generate(prompts, params)] == ar, f"risd adaptive={adaptive} batched"
         assert risd.generate([prompts[3]], params)[0].token_ids == ar[3], f"risd adaptive={adaptive} alone"
-        assert risd.stats().draft_tokens > 0
+        if not adaptive:  # the adaptive policy may judge this random adapter's drafts not worth it
+            assert risd.stats().draft_tokens > 0
     model.has_lora = False
 
 
