@@ -4,6 +4,9 @@
 
     .venv/bin/python bench/cpu_gemm.py [--conc 1,4,16] [--repeats 4] [--out bench/results/cpu_gemm.json]
 
+The per-shape table keeps weights hot in cache; the cold chain (every product of a forward, each
+layer its own weights) is the one that predicts engine steps.
+
 Why it exists: which backend is faster at a few rows depends on the CPU (workers/cpu_gemm.py). A
 benchmark, never a test; time it on an idle machine.
 """
@@ -60,6 +63,40 @@ def per_shape(rows=(1, 2, 3, 4, 8, 16)) -> dict:
                             "onednn_us": best_us(lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
                                                  reps)}
         print(name, " | ".join(f"M{m}: mkl {v['mkl_us']:.0f} dnn {v['onednn_us']:.0f}" for m, v in res[name].items()), flush=True)
+    return res
+
+
+def cold_chain(rows=(1, 2, 3, 4, 5, 6, 8), layers: int = 30, repeats: int = 7) -> dict:
+    """Milliseconds for the products of a whole SmolLM2 forward (30 layers' own weights, then the
+    head), so weights stream from memory as in the engine, unlike `per_shape`'s hot loops. Median
+    of `repeats`, backends interleaved."""
+    g = torch.Generator().manual_seed(0)
+    per_layer = [SHAPES[k] for k in ("qkv", "o", "gate_up", "down")]
+    ws = [[torch.randn(n, k, generator=g) * 0.02 for n, k in per_layer] for _ in range(layers)]
+    ws.append([torch.randn(*SHAPES["head"], generator=g) * 0.02])
+    packed = [[torch.ops.mkldnn._reorder_linear_weight(w) for w in layer] for layer in ws]
+
+    def forward(m: int, backend: str) -> None:
+        xs = {k: torch.randn(m, k, generator=g) for k in (576, 1536)}
+        for layer, players in zip(ws, packed):
+            for w, p in zip(layer, players):
+                x = xs[w.shape[1]]
+                if backend == "mkl":
+                    F.linear(x, w)
+                else:
+                    torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+
+    times: dict[str, dict[int, list[float]]] = {b: {m: [] for m in rows} for b in ("mkl", "onednn")}
+    with torch.inference_mode():
+        for r in range(repeats):
+            for m in rows:
+                for b in ("mkl", "onednn") if r % 2 else ("onednn", "mkl"):
+                    t0 = time.perf_counter()
+                    forward(m, b)
+                    times[b][m].append(time.perf_counter() - t0)
+    res = {b: {m: 1e3 * statistics.median(v) for m, v in per.items()} for b, per in times.items()}
+    for b, per in res.items():
+        print(f"cold chain {b}: " + " ".join(f"M{m} {v:.1f} ms" for m, v in per.items()), flush=True)
     return res
 
 
@@ -123,6 +160,7 @@ def main() -> None:
            "cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
     print(f"{cpu}, {out['threads']} threads, torch {torch.__version__}")
     out["per_shape_us"] = per_shape()
+    out["cold_chain_ms"] = cold_chain()
     out["engines"] = engines([int(c) for c in a.conc.split(",")], a.repeats, a.max_tokens)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
