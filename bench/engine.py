@@ -147,12 +147,14 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
                 row["cost_model"] = {"overhead_ms": 1e3 * cost.overhead * cost.times[0], "scale": cost.scale,
                                      "step_ms_predicted_ema": 1e3 * st.step_time_predicted,
                                      "step_ms_measured_ema": 1e3 * st.step_time_measured}
+            if llm.engine.config.stride > 1:
+                row["draft_anchors"] = "every" if llm.engine.every_anchor else "last"
             guard = llm.engine.policy.guard
             if guard is not None:  # measured tokens/s per arm and load level, so far
                 row["stride_guard"] = {"steps_by_arm": dict(guard.steps_by_arm), "levels": guard.summary()}
             out[system][0][c] = row
             print(f"  ours-{system} c={c}: {row['tok_s_median']:.1f} tok/s (median), TPF {row['tokens_per_forward']:.2f}, "
-                  f"rounds by stride {row['rounds_by_stride']} {row.get('cost_model', '')} {row.get('stride_guard', '')}", flush=True)
+                  f"rounds by stride {row['rounds_by_stride']} {row.get('draft_anchors', '')} {row.get('cost_model', '')} {row.get('stride_guard', '')}", flush=True)
     for system, llm in engines.items():
         st = llm.stats()
         out[system][2].update(tokens_per_forward=st.tokens_per_forward, acceptance_rate=st.acceptance_rate,

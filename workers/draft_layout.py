@@ -1,45 +1,48 @@
-"""The `auto` draft layout (`EngineConfig.draft_anchors`), chosen at start from the calibrated
-step costs of the machine the engine runs on.
+"""The engine's start-up step-cost calibration and its `auto` draft layout
+(`EngineConfig.draft_anchors`).
 
-Owns: `layout_rate` (a layout's best expected tokens per second for one request: the policy's
-own value tables and cost model) and `choose_layout`, which calibrates the cost model once per
-candidate stride-2 block and keeps the layout (and its model) that `layout_rate` prefers.
+Owns: `startup_costs` (the stride policy's cost model, calibrated at the layout's stride-2 block)
+and `auto_every_anchor` (the `auto` layout on the SDPA path with the adaptive stride).
 
-Why measured: `every` (a MASK group after each real row) commits more per round, `last` (one
-group) feeds fewer rows; which pays depends on how step time grows with rows, which depends on
-the CPU. On the AMD EPYC of the early runs a 4-row block cost 1.09x an AR step and `every` was
-worth its rows; on an Intel Xeon SPR the 4-row block leaves MKL's cheap 1-3-row path
-(workers.cpu_gemm) and costs 1.57x, so `every` ran R-ISD at 0.98x AR at C = 1 while `last` (its
-stride-2 block is 3 rows) gave 1.06x (docs/benchmarks.md, item 11). The choice is made at one
-request, the load where drafting pays most; at higher loads the policy runs mostly AR, where the
-two layouts are the same step. Lossless either way.
+Why `auto` follows the CPU GEMM's row split: `every` (a MASK group after each real row) commits
+more per round, `last` (one group) feeds fewer rows, and which pays depends on how a step's time
+grows from 3 rows (`last`'s stride-2 block) to 4 (`every`'s). On the AMD EPYC of the early runs
+oneDNN ran every row count, a 4-row block cost 1.09x an AR step and `every` was worth its rows
+(TPF 1.47 vs 1.34). On an Intel Xeon SPR MKL's small-row path is faster to 3 rows and oneDNN from
+4 (workers.cpu_gemm), so the 4-row block costs 1.57x an AR step against 1.31x for 3 rows: there
+`every` ran adaptive R-ISD at 0.98x AR at C = 1 and `last` at 1.06x (docs/benchmarks.md, item 11).
+A comparison of the two layouts under the calibrated cost model was tried first and measured a
+coin flip (predicted tokens/s within 1% either way) where the engines differ by 8%: the model
+has neither the layouts' different acceptance (P_1 0.51 with `every`, 0.59 with `last` on the
+demo adapter) nor the groups' attention cost at real context lengths. The GEMM split is measured
+with a 10% margin at start, so the choice is stable. Lossless either way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
-
-from workers.stride import StepCostModel, mask_rows, value_table
-
-
-def layout_rate(cost: StepCostModel, max_stride: int, every_anchor: bool, rates: list[float]) -> float:
-    """Best expected tokens/s over strides 1..max_stride of one request with per-position
-    acceptance `rates` under this layout (steady state: `workers.stride.value_table`)."""
-    e, r = value_table(rates, max_stride, every_anchor)
-    t = cost.predict_many(r, mask_rows(max_stride, every_anchor))
-    return float(np.max(e / np.maximum(t, 1e-12)))
+from workers.config import EngineConfig
+from workers.stride import StepCostModel
 
 
-def choose_layout(time_rows: Callable[..., float], max_rows: Callable[[bool], int], max_stride: int,
-                  rates: list[float]) -> tuple[bool, StepCostModel]:
-    """(every_anchor, its cost model): calibrates at each layout's stride-2 block (3 rows with one
-    MASK group, 4 with a group per real row) and keeps the faster layout for one request at
-    acceptance `rates`; a tie keeps `every` (no cold rounds). `max_rows(every)`: the calibration's
-    row range for that layout."""
-    last = StepCostModel.calibrate(time_rows, max_rows(False), masks=True, block_rows=3)
-    every = StepCostModel.calibrate(time_rows, max_rows(True), masks=True, block_rows=4)
-    if layout_rate(every, max_stride, True, rates) >= layout_rate(last, max_stride, False, rates):
-        return True, every
-    return False, last
+def auto_every_anchor(torch_rows: frozenset[int] | None) -> bool:
+    """`auto` on the SDPA path: `last` where the CPU GEMM runs 3-row products on MKL's small-row
+    path but 4-row ones on oneDNN (`torch_rows`: workers.cpu_gemm), else `every`."""
+    rows = torch_rows or frozenset()
+    return not (3 in rows and 4 not in rows)
+
+
+def startup_costs(config: EngineConfig, time_rows: Callable[..., float], every_anchor: bool,
+                  torch_rows: frozenset[int] | None) -> tuple[bool, StepCostModel | None]:
+    """(every_anchor, cost model) for an engine: `every_anchor` as configured (True on the SDPA path
+    under `auto`), turned to `last` by `auto_every_anchor` with the adaptive stride; the model
+    (None without the adaptive stride) calibrated at the layout's stride-2 block."""
+    if not (config.adaptive_stride and config.stride > 1):
+        return every_anchor, None
+    if every_anchor and config.draft_anchors == "auto":
+        every_anchor = auto_every_anchor(torch_rows)
+    block = config.stride ** 2 if every_anchor else 2 * config.stride - 1
+    max_rows = max(1, min(config.max_num_batched_tokens, config.max_num_seqs * block, config.num_blocks * config.kv_block_size))
+    return every_anchor, StepCostModel.calibrate(time_rows, max_rows, masks=True, block_rows=4 if every_anchor else 3,
+                                                 block_groups=2 if every_anchor else 1)

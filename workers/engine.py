@@ -21,7 +21,7 @@ from workers.config import EngineConfig
 from workers.cpu_gemm import apply_torch_rows, choose_torch_rows
 from workers.detokenizer import OutputProcessor
 from workers.draft_guard import DraftGuard
-from workers.draft_layout import choose_layout
+from workers.draft_layout import startup_costs
 from workers.grammar import GrammarBackend, GrammarManager
 from workers.isd import Drafter, ISDDecoder, RoundResult
 from workers.model_runner import ModelRunner
@@ -33,7 +33,7 @@ from workers.request import Request, RequestStatus
 from workers.sampling_params import SamplingParams
 from workers.scheduler import Scheduler
 from workers.stats import StatsCollector
-from workers.stride import AcceptanceEstimator, StepCostModel, StridePolicy
+from workers.stride import StridePolicy
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -113,20 +113,10 @@ class LLMEngine:
             # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded model
             # (engines sharing a model share it), before the stride policy calibrates its costs.
             model.torch_gemm_rows = choose_torch_rows(self.runner.time_rows, lambda rows: apply_torch_rows(model, rows))
-        cost = None
-        if config.adaptive_stride and config.stride > 1:
-            # A short start-up calibration of step time against rows (refined online by `step`).
-            def max_rows(every: bool) -> int:
-                block = config.stride ** 2 if every else 2 * config.stride - 1
-                return max(1, min(config.max_num_batched_tokens, config.max_num_seqs * block,
-                                  config.num_blocks * config.kv_block_size))
-            if self.every_anchor and config.draft_anchors == "auto":
-                # `auto` on the SDPA path: the layout this machine's step costs favour (workers.draft_layout)
-                self.every_anchor, cost = choose_layout(self.runner.time_rows, max_rows, config.stride,
-                                                        AcceptanceEstimator(config.stride - 1).engine_rates())
-            else:
-                cost = StepCostModel.calibrate(self.runner.time_rows, max_rows(self.every_anchor), masks=True,
-                                               block_rows=4 if self.every_anchor else 3)
+        # A short start-up calibration of step time against rows (refined online by `step`), and
+        # the `auto` layout for this machine's GEMM row split (workers.draft_layout)
+        self.every_anchor, cost = startup_costs(config, self.runner.time_rows, self.every_anchor,
+                                                getattr(model, "torch_gemm_rows", None))
         self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, cost=cost,
                                    every_anchor=self.every_anchor, guard=DraftGuard() if config.stride_guard else None)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy, every_anchor=self.every_anchor)

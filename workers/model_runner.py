@@ -169,16 +169,17 @@ class ModelRunner:
 
 
     @torch.inference_mode()
-    def time_rows(self, rows: int, masks: int = 0) -> float:
+    def time_rows(self, rows: int, masks: int = 0, groups: int = 1) -> float:
         """Seconds of one eager forward of `rows` rows with logits at every row (a decode-like step),
-        the last `masks` of them MASK rows (the gated LoRA's rows in R-ISD). Writes only KV slots
-        of free blocks."""
+        the last `masks` of them MASK rows (the gated LoRA's rows in R-ISD) in `groups` MASK groups
+        (`draft_anchors="every"`: their attention masks). Writes only KV slots of free blocks."""
         rows = max(1, min(rows, self.kv_caches[0][0].shape[0]))
         blocks = list(range(-(-rows // self.block_size)))
         n_mask = min(masks, rows - 1)
         n_clean = rows - n_mask
         batch = StepBatch(ids=[0] * rows, ctx=[0], c_real=[n_clean], m_real=[n_mask], c_slot=[n_clean],
-                          m_slot=[n_mask], tables=[blocks], logit_rows=list(range(rows)), logit_offsets=[0])
+                          m_slot=[n_mask], groups=[max(1, min(groups, n_mask, n_clean))], tables=[blocks],
+                          logit_rows=list(range(rows)), logit_offsets=[0])
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()

@@ -81,7 +81,7 @@ class StepCostModel:
     @classmethod
     def calibrate(cls, time_rows: Callable[..., float], max_rows: int, rounds: int = 2,
                   max_seconds: float = 0.3, masks: bool = False, block_rows: int = 7,
-                  dense: int = 8) -> StepCostModel:
+                  dense: int = 8, block_groups: int = 1) -> StepCostModel:
         """Times `time_rows(r)` (one forward of r clean rows, seconds) at every r up to `dense`,
         then 2x apart (16, 32, ...) up to `max_rows` (or until one forward takes `max_seconds`;
         beyond, the last slope is extended). Every small row count is its own point because the
@@ -92,7 +92,10 @@ class StepCostModel:
         with 1 and with `block_rows - 1` MASK rows (`time_rows(rows, masks)`) for the cost of a
         step with MASK rows and of each one; the engine passes its stride-2 block (3 rows with one
         MASK group after the last draft, 4 with a group per real row), the drafting step the
-        policy weighs against AR most often."""
+        policy weighs against AR most often. `block_groups` > 1 (the `every` layout's block: its
+        MASK rows in groups, each with its own attention mask): the gated LoRA's step cost is
+        taken from that block as the layout runs it (`time_rows(block_rows, block_groups,
+        block_groups)`), so the groups' attention cost is in the model."""
         block = masks and 3 <= block_rows <= max_rows
         time_rows(1)  # warm-up: lazy weight packing (slow once), so it cannot end the sweep early
         if block:
@@ -105,16 +108,20 @@ class StepCostModel:
             r = r + 1 if r < dense else 2 * r
         if points[-1] < max_rows and r > max_rows and time_rows(max_rows) <= max_seconds:
             points.append(max_rows)
-        best, few, many = [math.inf] * len(points), math.inf, math.inf
+        grouped = block and block_groups > 1
+        best, few, many, laid = [math.inf] * len(points), math.inf, math.inf, math.inf
         for _ in range(rounds):
             for i, p in enumerate(points):
                 best[i] = min(best[i], time_rows(p))
             if block:
                 few, many = min(few, time_rows(block_rows, 1)), min(many, time_rows(block_rows, block_rows - 1))
+            if grouped:
+                laid = min(laid, time_rows(block_rows, block_groups, block_groups))
         if not block:
             return cls(points, best)
         per_mask = max((many - few) / (block_rows - 2), 0.0)
-        lora = max(few - float(cls(points, best).forward_time(block_rows)) - per_mask, 0.0)
+        f_block = float(cls(points, best).forward_time(block_rows))
+        lora = max((laid - block_groups * per_mask if grouped else few - per_mask) - f_block, 0.0)
         return cls(points, best, mask_cost=per_mask, lora_cost=lora)
 
     def forward_time(self, rows: np.ndarray | float) -> np.ndarray:
