@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.tiny import tiny_loaded
-from tests.workers.test_lean_forward import _flat_batch
+from tests.workers.test_lean_forward import _flat_batch, base_and_gated
 from workers import LLM
 from workers.cpu_gemm import apply_torch_rows, choose_torch_rows
 from workers.models.linear import LoRALinear
@@ -50,16 +50,10 @@ def test_clean_rows_stay_bitwise_the_base_product_on_either_backend(auto):
     """A step whose row count runs on F.linear takes the unmerged LoRA path, so its clean rows are
     still bit for bit the base model's at that row count (what keeps R-ISD lossless)."""
     loaded = tiny_loaded("qwen3", lora_rank=4)
-    ids, meta, kv, n_clean = _flat_batch(loaded)
-    m = loaded.model
-    for rows in (frozenset(), frozenset({ids.shape[0]})):
-        apply_torch_rows(m, rows)
-        with torch.inference_mode():
-            m.has_lora = False
-            base = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
-            m.has_lora = True
-            gated = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
-        m.has_lora = False
+    rows_in_step = _flat_batch(loaded)[0].shape[0]
+    for rows in (frozenset(), frozenset({rows_in_step})):
+        apply_torch_rows(loaded.model, rows)
+        base, gated, n_clean = base_and_gated(loaded)
         assert torch.equal(gated[:n_clean], base[:n_clean]), rows
         assert (gated[n_clean:] - base[n_clean:]).abs().amax(-1).gt(0).all()
 

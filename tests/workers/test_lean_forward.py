@@ -42,19 +42,25 @@ def _flat_batch(loaded, masks_per_req=(3, 3, 0), clean_per_req=(4, 2, 5), ctx=(6
     return ids, meta, kv, n_clean
 
 
+def base_and_gated(loaded) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(hidden states without the adapter, with it, clean rows) of one paged engine-like step
+    whose MASK rows are the tail slice: [T, hidden] each."""
+    ids, meta, kv, n_clean = _flat_batch(loaded)
+    m, out = loaded.model, []
+    with torch.inference_mode():
+        for lora in (False, True):
+            m.has_lora = lora
+            out.append(m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta,
+                         lora_from=n_clean))
+    m.has_lora = False
+    return out[0], out[1], n_clean
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_gated_lora_clean_rows_bitwise_equal_to_the_base_path(family, gemm):
     """On the engine's paged path (MASK rows one tail slice, LoRA A merged into the base GEMM on
     oneDNN), every clean row's hidden state is bit-identical with and without the adapter."""
-    loaded = tiny_loaded(family, lora_rank=4)
-    ids, meta, kv, n_clean = _flat_batch(loaded)
-    m = loaded.model
-    with torch.inference_mode():
-        m.has_lora = False
-        base = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
-        m.has_lora = True
-        gated = m(ids, meta.positions, kv_caches=[(k.clone(), v.clone()) for k, v in kv], meta=meta, lora_from=n_clean)
-    m.has_lora = False
+    base, gated, n_clean = base_and_gated(tiny_loaded(family, lora_rank=4))
     assert torch.equal(gated[:n_clean], base[:n_clean])
     assert (gated[n_clean:] - base[n_clean:]).abs().amax(-1).gt(0).all()  # every MASK row changed
     assert cpu_gemm_backend() == gemm
