@@ -79,7 +79,7 @@ def test_stop_strings_inside_committed_blocks(smol):
     def oracle(req, proposed, i):
         return cont[tuple(req.prompt_token_ids)][i : i + len(proposed)]
 
-    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4, drafter=oracle)
+    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4, drafter=oracle, adaptive_stride=False)
     for o in full:
         text = o.text
         words = text.split()
@@ -94,7 +94,7 @@ def test_stop_strings_inside_committed_blocks(smol):
 
 def test_max_tokens_exact_in_isd_blocks(smol):
     prompts = smol[4][:3]
-    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4)
+    isd = LLM(loaded=_loaded(smol, False), kv_cache_tokens=8192, mode="isd", stride=4, adaptive_stride=False)
     for k in (1, 2, 5, 7):
         for o in isd.generate(prompts, SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)):
             assert len(o.token_ids) == k and o.finish_reason == "length"
