@@ -47,8 +47,8 @@ class EngineConfig:
     round verifies drafts (n^2 rows at stride n instead of 2n-1; workers.isd). `auto`: on the SDPA
     attention path (CPU) with the adaptive stride, `last` where the CPU GEMM runs 3-row products on
     MKL and 4-row ones on oneDNN (`every`'s stride-2 block would leave the cheap path), else `every`
-    (workers.draft_layout); `every` on that path with a fixed stride; `last` on the Triton kernel path, which has no
-    per-group masks. Lossless either way."""
+    (workers.draft_layout); `every` on that path with a fixed stride; `last` on the Triton kernel
+    path, which has no per-group masks. Lossless either way."""
     adapter: str | None = None
     """PEFT directory of the gated LoRA adapter (`risd`). None with `smollm2` uses the demo adapter."""
     mask_token_id: int | None = None

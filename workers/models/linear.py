@@ -229,10 +229,11 @@ class LoRALinear(nn.Linear):
         return backend == "onednn" or (backend == "auto" and m not in self.torch_rows)
 
     def _packed_weight(self, with_lora_a: bool = False) -> torch.Tensor | None:
-        """The weight in oneDNN's layout (None where that path is off); `with_lora_a`: the weight
-        with the fused LoRA A stacked under it, `[out + S*r, in]`."""
+        """The weight in oneDNN's layout (None off the CPU); `with_lora_a`: the weight with the fused
+        LoRA A stacked under it, `[out + S*r, in]`. Callers ask `_packed_rows` first (which reads
+        `IDLM_CPU_GEMM`: once per product, this runs per layer and step)."""
         w = self.weight
-        if w.device.type != "cpu" or cpu_gemm_backend() == "torch":
+        if w.device.type != "cpu":
             return None
         key = (w, w._version, [p._version for p in self._lora_params] if with_lora_a else None)
         p = self._packed_lora if with_lora_a else self._packed
