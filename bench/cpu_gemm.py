@@ -1,6 +1,7 @@
-"""The CPU GEMM backends side by side on this machine: oneDNN's packed product against F.linear
-(MKL), per SmolLM2 projection shape and row count, and whole AR engines forced to each backend
-(and `auto`, the engine's measured choice per row count) next to HF transformers.
+"""The CPU GEMM backends side by side on this machine: oneDNN's packed product, MKL's packed sgemm
+and F.linear (MKL unpacked), per SmolLM2 projection shape and row count, and whole AR engines
+forced to each backend (and `auto`, the engine's measured choice per row count) next to HF
+transformers.
 
     .venv/bin/python bench/cpu_gemm.py [--conc 1,4,16] [--repeats 4] [--out bench/results/cpu_gemm.json]
 
@@ -33,6 +34,18 @@ from bench.engine import prompts_for, waves  # noqa: E402
 from workers import LLM, EngineConfig, SamplingParams  # noqa: E402
 from workers.engine import load_engine_model  # noqa: E402
 from workers.loader import resolve_model  # noqa: E402
+from workers.models.linear import PACKED_LINEAR, pack_weight  # noqa: E402
+
+BACKENDS = ("torch", "mkl", "onednn")  # F.linear, MKL packed, oneDNN packed
+
+
+def product(backend: str, x: torch.Tensor, w: torch.Tensor, packed) -> torch.Tensor:
+    return F.linear(x, w) if backend == "torch" else PACKED_LINEAR[backend](x, packed, None)
+
+
+def packs(w: torch.Tensor) -> dict:
+    return {b: pack_weight(b, w) for b in BACKENDS[1:]} | {"torch": None}
+
 
 # SmolLM2-135M's products: (out, in)
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536), "head": (49152, 576)}
@@ -54,19 +67,18 @@ def per_shape(rows=(1, 2, 3, 4, 8, 16)) -> dict:
     res = {}
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, generator=g)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w)
+        p = packs(w)
         reps = 10 if name == "head" else 100
         res[name] = {}
         for m in rows:
             x = torch.randn(m, k, generator=g)
-            res[name][m] = {"mkl_us": best_us(lambda x=x, w=w: F.linear(x, w), reps),
-                            "onednn_us": best_us(lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], ""),
-                                                 reps)}
-        print(name, " | ".join(f"M{m}: mkl {v['mkl_us']:.0f} dnn {v['onednn_us']:.0f}" for m, v in res[name].items()), flush=True)
+            res[name][m] = {b: best_us(lambda x=x, b=b, w=w, p=p: product(b, x, w, p[b]), reps) for b in BACKENDS}
+        print(name, " | ".join(f"M{m}: " + " ".join(f"{b} {us:.0f}" for b, us in v.items())
+                               for m, v in res[name].items()), flush=True)
     return res
 
 
-def cold_chain(rows=(1, 2, 3, 4, 5, 6, 8), layers: int = 30, repeats: int = 7) -> dict:
+def cold_chain(rows=(1, 2, 3, 4, 5, 7, 8, 16, 32, 64), layers: int = 30, repeats: int = 7) -> dict:
     """Milliseconds for the products of a whole SmolLM2 forward (30 layers' own weights, then the
     head), so weights stream from memory as in the engine, unlike `per_shape`'s hot loops. Median
     of `repeats`, backends interleaved."""
@@ -74,23 +86,19 @@ def cold_chain(rows=(1, 2, 3, 4, 5, 6, 8), layers: int = 30, repeats: int = 7) -
     per_layer = [SHAPES[k] for k in ("qkv", "o", "gate_up", "down")]
     ws = [[torch.randn(n, k, generator=g) * 0.02 for n, k in per_layer] for _ in range(layers)]
     ws.append([torch.randn(*SHAPES["head"], generator=g) * 0.02])
-    packed = [[torch.ops.mkldnn._reorder_linear_weight(w) for w in layer] for layer in ws]
+    packed = [[packs(w) for w in layer] for layer in ws]
 
     def forward(m: int, backend: str) -> None:
         xs = {k: torch.randn(m, k, generator=g) for k in (576, 1536)}
         for layer, players in zip(ws, packed):
             for w, p in zip(layer, players):
-                x = xs[w.shape[1]]
-                if backend == "mkl":
-                    F.linear(x, w)
-                else:
-                    torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+                product(backend, xs[w.shape[1]], w, p[backend])
 
-    times: dict[str, dict[int, list[float]]] = {b: {m: [] for m in rows} for b in ("mkl", "onednn")}
+    times: dict[str, dict[int, list[float]]] = {b: {m: [] for m in rows} for b in BACKENDS}
     with torch.inference_mode():
         for r in range(repeats):
             for m in rows:
-                for b in ("mkl", "onednn") if r % 2 else ("onednn", "mkl"):
+                for b in BACKENDS if r % 2 else BACKENDS[::-1]:
                     t0 = time.perf_counter()
                     forward(m, b)
                     times[b][m].append(time.perf_counter() - t0)
@@ -109,13 +117,13 @@ def engines(concs, repeats: int, max_tokens: int) -> dict:
     kw = dict(mode="ar", max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=max(concs) * (max_tokens + 200))
     os.environ["IDLM_CPU_GEMM"] = "auto"
     ours = {"auto": LLM("smollm2", loaded=loaded, **kw)}
-    ours.update(onednn=LLM("smollm2", loaded=loaded, **kw), torch=LLM("smollm2", loaded=loaded, **kw))
-    torch_rows = sorted(loaded.model.torch_gemm_rows)
+    ours.update({b: LLM("smollm2", loaded=loaded, **kw) for b in BACKENDS})
+    gemm_rows = dict(sorted(loaded.model.gemm_rows.items()))
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
     tok.padding_side = "left"
     hf = AutoModelForCausalLM.from_pretrained(resolve_model("smollm2"), dtype=torch.float32).eval()
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    res = {"auto_torch_rows": torch_rows}
+    res = {"auto_gemm_rows": gemm_rows}
     for c in concs:
         ws = waves(prompts_for(tok, max(c, 4)), c)
 

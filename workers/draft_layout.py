@@ -26,22 +26,23 @@ from workers.config import EngineConfig
 from workers.stride import StepCostModel
 
 
-def auto_every_anchor(torch_rows: frozenset[int] | None) -> bool:
-    """`auto` on the SDPA path: `last` where the CPU GEMM runs 3-row products on MKL's small-row
-    path but 4-row ones on oneDNN (`torch_rows`: workers.cpu_gemm), else `every`."""
-    rows = torch_rows or frozenset()
-    return not (3 in rows and 4 not in rows)
+def auto_every_anchor(gemm_rows: dict[int, str] | None) -> bool:
+    """`auto` on the SDPA path: `last` where the CPU GEMM runs 3-row and 4-row products on different
+    backends (`gemm_rows`: workers.cpu_gemm; the 3-row one on a small-row path, so the 4-row block
+    costs a step up), else `every`."""
+    rows = gemm_rows or {}
+    return rows.get(3, "onednn") == rows.get(4, "onednn")
 
 
 def startup_costs(config: EngineConfig, time_rows: Callable[..., float], every_anchor: bool,
-                  torch_rows: frozenset[int] | None) -> tuple[bool, StepCostModel | None]:
+                  gemm_rows: dict[int, str] | None) -> tuple[bool, StepCostModel | None]:
     """(every_anchor, cost model) for an engine: `every_anchor` as configured (True on the SDPA path
     under `auto`), turned to `last` by `auto_every_anchor` with the adaptive stride; the model
     (None without the adaptive stride) calibrated at the layout's stride-2 block."""
     if not (config.adaptive_stride and config.stride > 1):
         return every_anchor, None
     if every_anchor and config.draft_anchors == "auto":
-        every_anchor = auto_every_anchor(torch_rows)
+        every_anchor = auto_every_anchor(gemm_rows)
     block = config.stride ** 2 if every_anchor else 2 * config.stride - 1
     max_rows = max(1, min(config.max_num_batched_tokens, config.max_num_seqs * block, config.num_blocks * config.kv_block_size))
     return every_anchor, StepCostModel.calibrate(time_rows, max_rows, masks=True, block_rows=4 if every_anchor else 3,

@@ -18,7 +18,7 @@ from idlm_kernels.rng import request_key
 from workers import logprobs
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
-from workers.cpu_gemm import apply_torch_rows, choose_torch_rows
+from workers.cpu_gemm import apply_gemm_rows, choose_gemm_rows
 from workers.detokenizer import OutputProcessor
 from workers.draft_guard import DraftGuard
 from workers.draft_layout import startup_costs
@@ -109,14 +109,14 @@ class LLMEngine:
         self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
             config.draft_anchors == "auto" and not self.runner.kernel_path))
         model = loaded.model
-        if self.runner.device.type == "cpu" and cpu_gemm_backend() == "auto" and getattr(model, "torch_gemm_rows", None) is None:
+        if self.runner.device.type == "cpu" and cpu_gemm_backend() == "auto" and getattr(model, "gemm_rows", None) is None:
             # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded model
             # (engines sharing a model share it), before the stride policy calibrates its costs.
-            model.torch_gemm_rows = choose_torch_rows(self.runner.time_rows, lambda rows: apply_torch_rows(model, rows))
+            model.gemm_rows = choose_gemm_rows(self.runner.time_rows, lambda rows: apply_gemm_rows(model, rows))
         # A short start-up calibration of step time against rows (refined online by `step`), and
         # the `auto` layout for this machine's GEMM row split (workers.draft_layout)
         self.every_anchor, cost = startup_costs(config, self.runner.time_rows, self.every_anchor,
-                                                getattr(model, "torch_gemm_rows", None))
+                                                getattr(model, "gemm_rows", None))
         self.policy = StridePolicy(config.stride, adaptive=config.adaptive_stride, cost=cost,
                                    every_anchor=self.every_anchor, guard=DraftGuard() if config.stride_guard else None)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len, self.policy, every_anchor=self.every_anchor)

@@ -1,5 +1,5 @@
 """The `auto` draft layout and the start-up calibration (workers.draft_layout): `last` exactly
-where the CPU GEMM runs a 3-row block on MKL's small-row path and a 4-row one on oneDNN, the
+where the CPU GEMM runs a 3-row block and a 4-row one on different backends, the
 engine following it, output AR's in the chosen layout, and the `every` block calibrated with its
 MASK groups."""
 
@@ -15,10 +15,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 def test_auto_layout_follows_the_gemm_row_split():
-    assert auto_every_anchor(None) and auto_every_anchor(frozenset())  # one backend (EPYC): every
-    assert not auto_every_anchor(frozenset({1, 2, 3}))  # MKL to 3 rows, oneDNN from 4 (Xeon SPR)
-    assert auto_every_anchor(frozenset({1, 2}))  # both blocks on oneDNN
-    assert auto_every_anchor(frozenset({1, 2, 3, 4}))  # both on MKL
+    assert auto_every_anchor(None) and auto_every_anchor({})  # one backend (EPYC): every
+    assert not auto_every_anchor(dict.fromkeys((1, 2, 3), "torch"))  # F.linear to 3 rows, oneDNN from 4
+    assert not auto_every_anchor(dict.fromkeys((1, 2, 3), "torch") | {4: "mkl"})  # MKL packed from 4 (Xeon SPR)
+    assert auto_every_anchor(dict.fromkeys((1, 2), "torch"))  # both blocks on oneDNN
+    assert auto_every_anchor(dict.fromkeys(range(1, 17), "mkl"))  # both on MKL packed
 
 
 def test_every_block_is_calibrated_with_its_groups():
@@ -40,10 +41,10 @@ def tiny(request):
     return greedy_setup(request.param, seed=7, max_new=GREEDY.max_tokens)
 
 
-@pytest.mark.parametrize("torch_rows,every", [(frozenset(), True), (frozenset({1, 2, 3}), False)])
-def test_engine_takes_the_layout_and_stays_exact(tiny, torch_rows, every):
+@pytest.mark.parametrize("gemm_rows,every", [({}, True), (dict.fromkeys((1, 2, 3), "torch"), False)])
+def test_engine_takes_the_layout_and_stays_exact(tiny, gemm_rows, every):
     loaded, prompts, ref = tiny
-    loaded.model.torch_gemm_rows = torch_rows  # as workers.cpu_gemm measured it on that CPU
+    loaded.model.gemm_rows = gemm_rows  # as workers.cpu_gemm measured it on that CPU
     try:
         llm = _llm(loaded, "risd")
         eng = llm.engine
@@ -54,5 +55,5 @@ def test_engine_takes_the_layout_and_stays_exact(tiny, torch_rows, every):
         assert _llm(loaded, "risd", draft_anchors="every").engine.every_anchor is True
         assert _llm(loaded, "risd", adaptive_stride=False).engine.every_anchor is True
     finally:
-        loaded.model.torch_gemm_rows = None
+        loaded.model.gemm_rows = None
         loaded.model.has_lora = False

@@ -11,7 +11,7 @@ from workers.loader import fuse_state_dict, hf_shapes, load_model
 from workers.model_runner import _row_of
 from workers.models.linear import LoRALinear, cpu_gemm_backend, onednn_linear, row_bucket
 
-BACKENDS = ["onednn", "torch"]
+BACKENDS = ["onednn", "mkl", "torch"]
 
 
 @pytest.fixture(params=BACKENDS)

@@ -1,17 +1,26 @@
 """Linear layers of the engine's models: fused projections with a gated LoRA per slice, and the CPU
-GEMM backend that makes small blocks cheap.
+GEMM backends that make small blocks cheap.
 
 Owns: `LoRALinear` (one weight whose output rows are named slices, e.g. `q_proj`, `k_proj`, `v_proj`
 of a fused `qkv_proj`, each with an optional low-rank delta applied only at selected rows) and the
 choice of GEMM for its base product.
 
-Why a GEMM backend: on x86 CPUs torch's `F.linear` calls MKL's sgemm, whose small-M path costs a
-7-row block ~1.3-2x a 1-row product (it re-packs the weight every call). oneDNN's linear with the
-weight reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) reads the
-weight straight from that layout: a 7-row product of SmolLM2's layers costs about what one row does,
-and the 1-row product is faster too (bench/step_profile.py). The reordered copy is built lazily, the
-first time a frozen weight meets an input that needs no gradient, and rebuilt when the weight
-changes. `IDLM_CPU_GEMM=torch` forces `F.linear`; CUDA always uses `F.linear` (cuBLAS).
+Why GEMM backends: on x86 CPUs torch's `F.linear` calls MKL's sgemm, which re-packs the weight every
+call: its small-M path costs a 7-row block ~1.3-2x a 1-row product. Two libraries read a weight
+packed once instead, and each wins on part of the row range (workers.cpu_gemm measures where):
+- oneDNN's linear with the weight reordered into its blocked layout
+  (`torch.ops.mkldnn._reorder_linear_weight`): a 7-row product costs about what one row does; best
+  at many rows (prefill, large batches).
+- MKL's packed sgemm (`torch.ops.mkl._mkl_reorder_linear_weight` / `_mkl_linear`, what Inductor's
+  freezing uses for fp32): on an Intel Xeon (SPR) 3-6% faster than oneDNN at 4-16 rows and far
+  faster than `F.linear` there (bench/cpu_gemm.py). torch's op takes the packed path only when the
+  input has the row count the weight was packed for, so the engine packs once (at `MKL_PACK_ROWS`)
+  and passes each input's own row count: MKL's packed layout does not depend on that count (every
+  pack has the same size, and packs built for 3 and for 16 rows give bit-identical products at
+  2-33 rows, each equal to `F.linear` to rounding; tests/workers/test_cpu_gemm.py checks this build).
+Packed copies are built lazily, the first time a frozen weight meets an input that needs no
+gradient, and rebuilt when the weight changes. `IDLM_CPU_GEMM=onednn|mkl|torch` forces one backend
+(`torch`: `F.linear`); CUDA always uses `F.linear` (cuBLAS).
 
 Gated LoRA, fused: the slices' A matrices are stacked (`[S*r, in]`, on CPU packed under the base
 weight so the base product and every row's x @ A^T are one GEMM) and their B matrices placed on a
@@ -35,13 +44,18 @@ LoraRows = slice | torch.Tensor | None
 an index tensor (dense training batches), or None (no LoRA this call)."""
 
 
+GEMM_BACKENDS = ("onednn", "mkl", "torch")
+MKL_PACK_ROWS = 16
+"""The row count MKL's packed weights are built for (see the module docstring: any count works)."""
+
+
 def cpu_gemm_backend() -> str:
-    """`auto` (default: oneDNN, except at the row counts where the engine measured `F.linear`
-    faster, `LoRALinear.torch_rows`), `onednn` or `torch` (forced everywhere), from `IDLM_CPU_GEMM`
-    (read on every call, so tests can switch)."""
+    """`auto` (default: oneDNN, except at the row counts where the engine measured MKL faster,
+    `LoRALinear.gemm_rows`), or one of `GEMM_BACKENDS` forced everywhere, from
+    `IDLM_CPU_GEMM` (read once per product, so tests can switch)."""
     v = os.environ.get("IDLM_CPU_GEMM", "auto").strip().lower() or "auto"
-    if v not in ("auto", "onednn", "torch"):
-        raise ValueError(f"IDLM_CPU_GEMM: must be 'auto', 'onednn' or 'torch', got {v!r}")
+    if v != "auto" and v not in GEMM_BACKENDS:
+        raise ValueError(f"IDLM_CPU_GEMM: must be 'auto', 'onednn', 'mkl' or 'torch', got {v!r}")
     return v
 
 
@@ -70,10 +84,31 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y if b == m else y[:m]
 
 
-def _packed_gemm_wanted(w: torch.Tensor) -> bool:
-    if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+def mkl_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, in] @ W^T (+ bias) -> [M, out] on MKL's packed sgemm; `packed`: (MKL's packed W, a
+    zero-stride [out, in] view standing in for W: the op reads only its sizes and dtype, since the
+    row count passed is always the input's own, so it never falls back to the unpacked weight)."""
+    return torch.ops.mkl._mkl_linear(x.contiguous(), packed[0], packed[1], bias, x.shape[0])
+
+
+def pack_weight(backend: str, w: torch.Tensor):
+    """`w` [out, in] in `backend`'s packed layout, or None where this build or dtype has none."""
+    if w.device.type != "cpu":
+        return None
+    try:
+        with torch.no_grad():
+            if backend == "onednn" and w.dtype in (torch.float32, torch.bfloat16) and \
+                    torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+                return torch.ops.mkldnn._reorder_linear_weight(w)
+            if backend == "mkl" and w.dtype == torch.float32 and torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear"):
+                return torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS), w.new_zeros(()).expand(w.shape)
+    except RuntimeError:  # an op build without this path: keep F.linear
+        return None
+    return None
+
+
+PACKED_LINEAR = {"onednn": onednn_linear, "mkl": mkl_linear}
+"""The packed products by backend: (x, packed weight from `pack_weight`, bias) -> x @ W^T + bias."""
 
 
 class LoRALinear(nn.Linear):
@@ -86,12 +121,13 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ParameterDict()  # slice name -> [out_s, r]
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0  # on the LoRA path's input, training (grad) path only
-        self._packed: tuple | None = None  # (weight, its version, -, oneDNN weight or None if unsupported)
-        self._packed_lora: tuple | None = None  # (weight, its version, LoRA versions, oneDNN [W; A])
+        # (backend, with LoRA A) -> (weight, its version, LoRA versions or None, packed W or [W; A],
+        # None where unsupported); the engine's LoRA layers keep up to four (docs/benchmarks.md)
+        self._packed: dict[tuple[str, bool], tuple] = {}
         self._fused: tuple | None = None  # (versions of the LoRA params, A [S*r, in], B [out, S*r] * scaling)
-        self.torch_rows: frozenset[int] = frozenset()
-        """Row counts whose products run on `F.linear` under `IDLM_CPU_GEMM=auto`: on some CPUs
-        MKL's 1-3-row path beats oneDNN's (workers.cpu_gemm measures it at engine start)."""
+        self.gemm_rows: dict[int, str] = {}
+        """{row count: backend} of the products that do not run on oneDNN under `IDLM_CPU_GEMM=auto`:
+        on some CPUs MKL (packed or not) beats it at a few rows (workers.cpu_gemm measures it)."""
         self._lora_changed()
 
     # -- slices ---------------------------------------------------------------------------------
@@ -174,13 +210,14 @@ class LoRALinear(nn.Linear):
             # The price: an R-ISD engine that runs both kinds of steps keeps both packed copies.
             return self._base(x)
         a, b = self._fused_lora()
-        merged = self._packed_weight(with_lora_a=True) if x.dim() == 2 and self._packed_rows(x.shape[0]) else None
+        backend = self._backend(x)
+        merged = self._packed_weight(backend, with_lora_a=True) if backend != "torch" else None
         if merged is not None:
-            # One oneDNN GEMM against [W; A]: the base output and every row's x @ A^T (the clean
+            # One packed GEMM against [W; A]: the base output and every row's x @ A^T (the clean
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
-            # `out` columns are bit-identical to the product with W alone (each output column is
-            # its own dot product); tests/workers/test_lean_forward.py checks this.
-            full = onednn_linear(x, merged, self.bias_with_lora_a())
+            # `out` columns are bit-identical to the product with W alone on the same backend (each
+            # output column is its own dot product); tests/workers/test_lean_forward.py checks this.
+            full = PACKED_LINEAR[backend](x, merged, self.bias_with_lora_a())
             y, xa = full[:, : self.out_features], full[rows, self.out_features :]
         else:
             y, xa = self._base(x), F.linear(x[rows], a)
@@ -213,44 +250,34 @@ class LoRALinear(nn.Linear):
         return torch.cat([self.bias, self.bias.new_zeros(len(self._lora_names) * self.lora_rank)])
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        if x.dim() == 2 and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
-                and self._packed_rows(x.shape[0]):
-            packed = self._packed_weight()
-            if packed is not None:
-                return onednn_linear(x, packed, self.bias)
-        return F.linear(x, w, self.bias)
+        backend = self._backend(x)
+        packed = self._packed_weight(backend) if backend != "torch" else None
+        if packed is not None:
+            return PACKED_LINEAR[backend](x, packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
-    def _packed_rows(self, m: int) -> bool:
-        """Whether a product of `m` rows may take the oneDNN path (`IDLM_CPU_GEMM`, `torch_rows`).
-        Both of a step's products (with and without LoRA A) follow the same rule, so a step's
-        clean rows stay bitwise the base product at its row count."""
+    def _backend(self, x: torch.Tensor) -> str:
+        """The GEMM of a product with input `x` (`IDLM_CPU_GEMM`, `gemm_rows`): `torch` (F.linear)
+        off the CPU, for autograd and for batched inputs. Both of a step's products (with and
+        without LoRA A) follow the same rule, so a step's clean rows stay bitwise the base product
+        at its row count."""
+        w = self.weight
+        if x.dim() != 2 or w.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return "torch"
         backend = cpu_gemm_backend()
-        return backend == "onednn" or (backend == "auto" and m not in self.torch_rows)
+        if backend == "auto":
+            return self.gemm_rows.get(x.shape[0], "onednn")
+        return backend
 
-    def _packed_weight(self, with_lora_a: bool = False) -> torch.Tensor | None:
-        """The weight in oneDNN's layout (None off the CPU); `with_lora_a`: the weight with the fused
-        LoRA A stacked under it, `[out + S*r, in]`. Callers ask `_packed_rows` first (which reads
-        `IDLM_CPU_GEMM`: once per product, this runs per layer and step)."""
+    def _packed_weight(self, backend: str, with_lora_a: bool = False):
+        """The weight in `backend`'s packed layout (None where unsupported: F.linear then);
+        `with_lora_a`: the weight with the fused LoRA A stacked under it, `[out + S*r, in]`."""
         w = self.weight
-        if w.device.type != "cpu":
-            return None
-        key = (w, w._version, [p._version for p in self._lora_params] if with_lora_a else None)
-        p = self._packed_lora if with_lora_a else self._packed
-        if p is None or p[0] is not w or p[1] != key[1] or p[2] != key[2]:
-            packed = None
-            if _packed_gemm_wanted(w):
-                src = torch.cat([w.detach(), self._fused_lora()[0]]) if with_lora_a else w.detach()
-                try:
-                    with torch.no_grad():
-                        packed = torch.ops.mkldnn._reorder_linear_weight(src)
-                except RuntimeError:  # an op build without this path: keep F.linear
-                    packed = None
-            p = (*key, packed)
-            if with_lora_a:
-                self._packed_lora = p
-            else:
-                self._packed = p
+        lora_versions = [p._version for p in self._lora_params] if with_lora_a else None
+        p = self._packed.get((backend, with_lora_a))
+        if p is None or p[0] is not w or p[1] != w._version or p[2] != lora_versions:
+            src = torch.cat([w.detach(), self._fused_lora()[0]]) if with_lora_a else w.detach()
+            p = self._packed[backend, with_lora_a] = (w, w._version, lora_versions, pack_weight(backend, src))
         return p[3]
 
     def _fused_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,3 +304,4 @@ class LoRALinear(nn.Linear):
         if not training:
             self._fused = (key, a, b)
         return a, b
+

@@ -190,7 +190,7 @@ class CausalLM(nn.Module):
             with torch.inference_mode(False):  # a normal tensor (it has a version counter)
                 lin = LoRALinear(self.config.hidden_size, [("lm_head", self.config.vocab_size)], device="meta")
                 lin.weight = nn.Parameter(w.detach().float(), requires_grad=False)
-                lin.torch_rows = self.lm_head.torch_rows
+                lin.gemm_rows = self.lm_head.gemm_rows
             head = self.__dict__["_lm_head_fp32"] = (w, w._version, lin)  # not a submodule: no state_dict entry
         return head[2](hidden.float())
 
