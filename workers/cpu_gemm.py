@@ -14,7 +14,8 @@ own small product, cheaper than the merged [W; A] GEMM at those counts), the pac
 A fixed choice leaves some of that on the table; a measurement at start-up does not. Only whole
 forwards are timed (what a step pays, caches included), and a challenger of oneDNN is taken only
 where it is faster by `margin`. Row counts are probed on a grid (`ROW_GRID`) until oneDNN wins
-twice in a row (it wins from there on: its blocked layout pays more the more rows share it).
+twice in a row (it wins from there on: its blocked layout pays more the more rows share it); a
+challenger far behind oneDNN at one probe is not timed at the larger ones (start-up time).
 
 Exactness is unaffected: each row count uses one backend for every product of the step, so a
 step's clean rows stay bitwise the base product at that row count (R-ISD), and which backend a
@@ -41,17 +42,23 @@ def apply_gemm_rows(model: nn.Module, rows: dict[int, str]) -> None:
 
 
 def choose_gemm_rows(time_rows: Callable[[int], float], apply: Callable[[dict[int, str]], None],
-                     grid: tuple[int, ...] = ROW_GRID, rounds: int = 3, margin: float = 0.97) -> dict[int, str]:
+                     grid: tuple[int, ...] = ROW_GRID, rounds: int = 3, margin: float = 0.97,
+                     drop: float = 1.1) -> dict[int, str]:
     """{row count: "mkl" | "torch"} from probes at the row counts of `grid`: at each, the faster
     challenger if it takes less than `margin` times oneDNN's time, else oneDNN; the counts between
     two probes take the upper probe's backend, counts past the last probe oneDNN. Probing stops
     after two probes in a row that oneDNN won (one such probe may be noise: a 2-core VM's timings
-    move by a few percent, about the gaps near the crossover). `time_rows(m)`: seconds of one
-    forward of m rows. Leaves the choice applied."""
+    move by a few percent, about the gaps near the crossover); a challenger slower than oneDNN by
+    `drop` at a probe is not timed at larger counts (it only falls further behind, and the probes
+    are start-up time: ~7 s for SmolLM2 with all three timed throughout). `time_rows(m)`: seconds
+    of one forward of m rows. Leaves the choice applied."""
     chosen: dict[int, str] = {}
+    alive = list(CHALLENGERS)
     prev, lost = 0, 0
     for m in grid:
-        backends = ("onednn", *CHALLENGERS)
+        if not alive:
+            break
+        backends = ("onednn", *alive)
         best = dict.fromkeys(backends, float("inf"))
         for r in range(rounds + 1):  # the first pass packs weights / warms caches: not counted
             for backend in backends if r % 2 else backends[::-1]:
@@ -59,7 +66,7 @@ def choose_gemm_rows(time_rows: Callable[[int], float], apply: Callable[[dict[in
                 t = time_rows(m)
                 if r:
                     best[backend] = min(best[backend], t)
-        winner = min(CHALLENGERS, key=best.__getitem__)
+        winner = min(alive, key=best.__getitem__)
         if best[winner] < margin * best["onednn"]:
             chosen.update(dict.fromkeys(range(prev + 1, m + 1), winner))
             lost = 0
@@ -67,6 +74,7 @@ def choose_gemm_rows(time_rows: Callable[[int], float], apply: Callable[[dict[in
             lost += 1
             if lost == 2:
                 break
+        alive = [c for c in alive if best[c] <= drop * best["onednn"]]
         prev = m
     apply(chosen)
     return chosen
