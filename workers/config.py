@@ -45,8 +45,8 @@ class EngineConfig:
     group after each real row of the block (the pending token and each draft), so whichever draft
     is rejected, the group anchored at the last accepted row proposes the next drafts and every
     round verifies drafts (n^2 rows at stride n instead of 2n-1; workers.isd). `auto`: on the SDPA
-    attention path (CPU) with the adaptive stride, `last` where the CPU GEMM runs 3-row products on
-    MKL and 4-row ones on oneDNN (`every`'s stride-2 block would leave the cheap path), else `every`
+    attention path (CPU) with the adaptive stride, `last` where the CPU GEMM runs 3-row and 4-row
+    products on different backends (`every`'s stride-2 block would leave the cheap path), else `every`
     (workers.draft_layout); `every` on that path with a fixed stride; `last` on the Triton kernel
     path, which has no per-group masks. Lossless either way."""
     adapter: str | None = None

@@ -8,14 +8,16 @@ Why `auto` follows the CPU GEMM's row split: `every` (a MASK group after each re
 more per round, `last` (one group) feeds fewer rows, and which pays depends on how a step's time
 grows from 3 rows (`last`'s stride-2 block) to 4 (`every`'s). On the AMD EPYC of the early runs
 oneDNN ran every row count, a 4-row block cost 1.09x an AR step and `every` was worth its rows
-(TPF 1.47 vs 1.34). On an Intel Xeon SPR MKL's small-row path is faster to 3 rows and oneDNN from
-4 (workers.cpu_gemm), so the 4-row block costs 1.57x an AR step against 1.31x for 3 rows: there
-`every` ran adaptive R-ISD at 0.98x AR at C = 1 and `last` at 1.06x (docs/benchmarks.md, item 11).
+(TPF 1.47 vs 1.34). On an Intel Xeon SPR `F.linear`'s small-row path is the fastest to 3 rows and
+a packed GEMM from 4 (workers.cpu_gemm), so the 4-row block costs 1.42-1.57x an AR step against
+1.26-1.33x for 3 rows: there `every` ran adaptive R-ISD at 0.98x AR at C = 1 and `last` at 1.06x
+(docs/benchmarks.md, items 11-12).
 A comparison of the two layouts under the calibrated cost model was tried first and measured a
 coin flip (predicted tokens/s within 1% either way) where the engines differ by 8%: the model
 has neither the layouts' different acceptance (P_1 0.51 with `every`, 0.59 with `last` on the
 demo adapter) nor the groups' attention cost at real context lengths. The GEMM split is measured
-with a 10% margin at start, so the choice is stable. Lossless either way.
+at start (workers.cpu_gemm: a 3% margin, probing past one noisy probe), so the choice is stable
+between starts. Lossless either way.
 """
 
 from __future__ import annotations

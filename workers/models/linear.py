@@ -220,7 +220,7 @@ class LoRALinear(nn.Linear):
             full = PACKED_LINEAR[backend](x, merged, self.bias_with_lora_a())
             y, xa = full[:, : self.out_features], full[rows, self.out_features :]
         else:
-            y, xa = self._base(x), F.linear(x[rows], a)
+            y, xa = self._base(x, backend), F.linear(x[rows], a)
         # One add per slice into the MASK rows only, against that slice's B^T alone: the fused
         # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
         # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
@@ -249,8 +249,8 @@ class LoRALinear(nn.Linear):
             return None
         return torch.cat([self.bias, self.bias.new_zeros(len(self._lora_names) * self.lora_rank)])
 
-    def _base(self, x: torch.Tensor) -> torch.Tensor:
-        backend = self._backend(x)
+    def _base(self, x: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+        backend = backend or self._backend(x)
         packed = self._packed_weight(backend) if backend != "torch" else None
         if packed is not None:
             return PACKED_LINEAR[backend](x, packed, self.bias)
@@ -304,4 +304,3 @@ class LoRALinear(nn.Linear):
         if not training:
             self._fused = (key, a, b)
         return a, b
-
