@@ -1,10 +1,14 @@
 """Greedy agreement of ISD / R-ISD with AR in bf16 on the CPU (and fp32 beside it), SmolLM2.
 
-In floating point a clean row's logits depend slightly on how many rows share its forward (batch
-variance, DESIGN §1), so greedy ISD can leave AR's path where AR's top two tokens nearly tie. This
-reports, per dtype and mode: prompts whose outputs are identical to AR's, tokens identical up to the
-first divergence, and for each divergence AR's top-2 logit gap at that position (a near-tie when
-the gap is within a few bf16 ulps of the logit). Logits are computed in fp32 in both dtypes.
+In floating point a clean row's logits can depend slightly on how many rows share its forward (batch
+variance, DESIGN §1), so greedy ISD could leave AR's path where AR's top two tokens nearly tie. In
+bf16 the engine's CPU kernels are batch-invariant (every row computed the same in any step:
+workers.models.linear `INVARIANT_ROWS`, `workers.attention.invariant_attention`, the fp32 head on
+MKL's packed sgemm), so there this should report no divergence at all; in fp32 the products are
+not invariant and agreement rests on fp32 near-ties being rare. This reports, per dtype and mode:
+prompts whose outputs are identical to AR's, tokens identical up to the first divergence, and for
+each divergence AR's top-2 logit gap at that position (a near-tie when the gap is within a few bf16
+ulps of the logit). Logits are computed in fp32 in both dtypes.
 
     .venv/bin/python bench/bf16_agreement.py [--max-tokens 128] [--modes isd,risd]
 

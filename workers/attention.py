@@ -33,6 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from workers.batch_layout import request_rows
+from workers.models.linear import INVARIANT_ROWS
+
+_KEY_PAD = 64
+"""`invariant_attention` pads each group's keys to a multiple of this (see there)."""
 
 # Query chunks longer than this are attended one request at a time (see module docstring).
 _SOLO_Q_LEN = 64
@@ -53,6 +57,7 @@ class AttentionMetadata:
     positions: torch.Tensor  # [T] absolute position of each flat row
     groups: list[_Group]
     num_tokens: int
+    invariant: bool = False  # attend with `invariant_attention` (bf16/fp16 on the CPU)
 
     @classmethod
     def build(
@@ -65,11 +70,13 @@ class AttentionMetadata:
         row_of: torch.Tensor | None = None,
         clean_lens: list[int] | None = None,
         mask_groups: list[int] | None = None,
+        invariant: bool = False,
     ) -> AttentionMetadata:
         """q_lens[i] new rows of request i follow its ctx_lens[i] cached tokens. `row_of` [T]: flat
         row of each request-order row (None: requests' rows are consecutive, in order).
         `clean_lens[i]` / `mask_groups[i]`: request i's last q_lens[i] - clean_lens[i] rows are
-        mask_groups[i] MASK groups (module docstring); None: every request causal."""
+        mask_groups[i] MASK groups (module docstring); None: every request causal. `invariant`:
+        attend with `invariant_attention` (keys padded here, once per step, to its multiple)."""
         width = max((len(t) for t in block_tables), default=1) or 1
         bt = torch.tensor([t + [0] * (width - len(t)) for t in block_tables] or [[0]], dtype=torch.long)  # [B, W]
         ql = torch.tensor(q_lens, dtype=torch.long)  # [B]
@@ -96,20 +103,24 @@ class AttentionMetadata:
         groups = []
         solo = (ql > _SOLO_Q_LEN).nonzero().flatten().tolist()
         for i in solo:
-            groups.append(_group(torch.tensor([i]), ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors))
+            groups.append(_group(torch.tensor([i]), ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors,
+                                 _KEY_PAD if invariant else 1))
         packed = (ql <= _SOLO_Q_LEN).nonzero().flatten()
         if packed.numel():
-            groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors))
-        return cls(slot_mapping=slot_mapping.to(device), positions=positions.to(device), groups=groups, num_tokens=T)
+            groups.append(_group(packed, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors,
+                                 _KEY_PAD if invariant else 1))
+        return cls(slot_mapping=slot_mapping.to(device), positions=positions.to(device), groups=groups, num_tokens=T,
+                   invariant=invariant)
 
     def attend(self, q, k, v, k_cache, v_cache, scale: float) -> torch.Tensor:
         return paged_attention(q, k, v, k_cache, v_cache, self, scale)
 
 
-def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors=None) -> _Group:
-    """Padded query/key layout of requests `idx` [B] for one SDPA call."""
+def _group(idx, ql, ctx, qs, bt, row_of, block_size, T, identity_rows, device, anchors=None, key_multiple=1) -> _Group:
+    """Padded query/key layout of requests `idx` [B] for one SDPA call (keys: to `key_multiple`)."""
     q, c = ql[idx], ctx[idx]  # [B]
     B, Lq, Lk = idx.numel(), int(q.max()), int((c + q).max())
+    Lk += -Lk % key_multiple
     jq = torch.arange(Lq)
     valid = jq[None, :] < q[:, None]  # [B, Lq]
     ro = (qs[idx][:, None] + jq[None, :]).clamp(max=max(T - 1, 0))
@@ -162,7 +173,10 @@ def paged_attention(
         qb = (q.view(B, Lq, Hq, D) if g.q_index is None else q[g.q_index]).transpose(1, 2)  # [B, Hq, Lq, D]
         kb = k_cache[g.kv_slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, Lk, D]
         vb = v_cache[g.kv_slots].transpose(1, 2).to(q.dtype)
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != Hq)
+        if meta.invariant:
+            ob = invariant_attention(qb, kb, vb, g.mask, scale)
+        else:
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=g.mask, scale=scale, enable_gqa=kb.shape[1] != Hq)
         ob = ob.transpose(1, 2).reshape(B * Lq, Hq, D)  # [B*Lq, Hq, D]
         if g.q_index is None:
             return ob  # the only group: its rows are the flat batch
@@ -170,6 +184,55 @@ def paged_attention(
             out = torch.empty_like(q)
         out[g.out_rows] = ob[g.out_index]
     return out
+
+
+def invariant_attention(
+    q: torch.Tensor,  # [B, Hq, Lq, D] bf16/fp16
+    k: torch.Tensor,  # [B, Hkv, Lk, D]
+    v: torch.Tensor,  # [B, Hkv, Lk, D]
+    mask: torch.Tensor,  # [B, 1, Lq, Lk] True = attend
+    scale: float,
+) -> torch.Tensor:  # [B, Hq, Lq, D]
+    """Attention whose every query row is computed the same whatever the batch, the query count and
+    the key padding (batch invariance in bf16 on the CPU, DESIGN §1): SDPA's CPU kernel picks its
+    blocking from the shapes, so a row's output changes with them. Here both products run on
+    oneDNN's reduced-precision GEMM, whose rows do not depend on the other rows or on trailing zero
+    columns, and the softmax (fp32) adds the padded keys' zeros at the end of each row. Scores are
+    the GEMM's bf16 output (as in HF's eager attention), the probabilities bf16 for the second
+    product (as in SDPA's flash kernel). tests/workers/test_batch_invariance.py checks the rows."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv  # query heads per KV head: query head h reads KV head h // g
+    # keys padded (masked) to a multiple of _KEY_PAD (AttentionMetadata pads them once per step):
+    # torch's elementwise kernels run the last numel % vector-width elements of a tensor through
+    # the scalar op, whose exp differs from the vector one in the last bit; with whole vectors
+    # only, no key's exp depends on the shapes
+    pad = -k.shape[2] % _KEY_PAD
+    if pad:
+        k, v, mask = F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), F.pad(mask, (0, pad), value=False)
+    Lk = k.shape[2]
+    # A KV head's g query heads share one product, m query rows each, g*m <= INVARIANT_ROWS: the
+    # row count up to which oneDNN's bf16 rows do not depend on it. Operands are contiguous (a
+    # strided one can take another GEMM path, e.g. the C=1 step's transposed q).
+    m = max(1, INVARIANT_ROWS // g)
+    qg = q.reshape(B, Hkv, g, Lq, D)
+    kt = k.transpose(-1, -2).contiguous()  # [B, Hkv, D, Lk]
+    # V with a column of ones: the same product gives each row's softmax denominator, summed like
+    # the numerator (a padded key adds an exact zero to both; torch.softmax's own sum changes
+    # with the row length)
+    v1 = torch.cat([v, v.new_ones(B, Hkv, Lk, 1)], dim=-1)  # [B, Hkv, Lk, D+1]
+    blocked = ~mask[:, :, None]  # [B, 1, 1, Lq, Lk]
+    outs = []
+    for lo in range(0, Lq, m):
+        hi = min(Lq, lo + m)
+        qc = qg[:, :, :, lo:hi].reshape(B, Hkv, g * (hi - lo), D)  # a copy: contiguous
+        s = torch.matmul(qc, kt).float().view(B, Hkv, g, hi - lo, Lk)  # scores (bf16 products)
+        s = s.mul_(scale).masked_fill_(blocked[..., lo:hi, :], float("-inf"))
+        p = (s - s.amax(dim=-1, keepdim=True)).exp_().to(q.dtype)  # unnormalised, max 1
+        outs.append(torch.matmul(p.view(B, Hkv, g * (hi - lo), Lk), v1).view(B, Hkv, g, hi - lo, D + 1))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
+    o = o[..., :D].float() / o[..., D:].float()
+    return o.to(q.dtype).view(B, Hq, Lq, D)
 
 
 def dense_attention(

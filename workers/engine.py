@@ -109,7 +109,8 @@ class LLMEngine:
         self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
             config.draft_anchors == "auto" and not self.runner.kernel_path))
         model = loaded.model
-        if self.runner.device.type == "cpu" and cpu_gemm_backend() == "auto" and getattr(model, "gemm_rows", None) is None:
+        if self.runner.device.type == "cpu" and config.dtype == "float32" and cpu_gemm_backend() == "auto" \
+                and getattr(model, "gemm_rows", None) is None:
             # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded model
             # (engines sharing a model share it), before the stride policy calibrates its costs.
             model.gemm_rows = choose_gemm_rows(self.runner.time_rows, lambda rows: apply_gemm_rows(model, rows))

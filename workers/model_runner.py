@@ -140,7 +140,8 @@ class ModelRunner:
         if not batch.in_request_order:
             row_of = _row_of(q_lens, batch.c_real, batch.num_clean)
         meta = AttentionMetadata.build(q_lens, batch.ctx, batch.tables, self.block_size, dev, row_of=row_of,
-                                       clean_lens=batch.c_real, mask_groups=batch.groups)
+                                       clean_lens=batch.c_real, mask_groups=batch.groups,
+                                       invariant=self.device.type == "cpu" and self.dtype != torch.float32)
         input_ids = torch.tensor(batch.ids, dtype=torch.long, device=dev)  # [T]
         # R-ISD: MASK rows are rows num_clean.. (possibly none this step; the LoRA layers then use the
         # same packed weights as on MASK steps, so only one packed copy of each weight exists)

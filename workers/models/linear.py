@@ -46,6 +46,12 @@ an index tensor (dense training batches), or None (no LoRA this call)."""
 
 GEMM_BACKENDS = ("onednn", "mkl", "torch")
 MKL_PACK_ROWS = 16
+INVARIANT_ROWS = 32
+"""Reduced-precision (bf16/fp16) products on the CPU run on oneDNN in pieces of at most this many
+rows: up to 32 rows a row's product is bitwise the same whatever the row count and the row's place
+(oneDNN's AMX/AVX-512 bf16 kernels; from 33 rows it changes), so every row is computed the same in
+a 1-row AR step, a 7-row R-ISD block or a prefill chunk (batch invariance, DESIGN §1;
+tests/workers/test_batch_invariance.py checks this build)."""
 """The row count MKL's packed weights are built for (see the module docstring: any count works)."""
 
 
@@ -76,8 +82,11 @@ def row_bucket(m: int) -> int:
 
 
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, in] @ packed^T (+ bias) -> [M, out], run at `row_bucket(M)` rows."""
+    """x [M, in] @ packed^T (+ bias) -> [M, out], run at `row_bucket(M)` rows (fp32) or in pieces
+    of `INVARIANT_ROWS` (reduced precision: batch invariance; at most 32 primitive shapes too)."""
     m = x.shape[0]
+    if x.dtype != torch.float32 and m > INVARIANT_ROWS:
+        return torch.cat([onednn_linear(x[i : i + INVARIANT_ROWS], packed, bias) for i in range(0, m, INVARIANT_ROWS)])
     b = row_bucket(m)
     x = x.contiguous() if b == m else torch.cat([x, x.new_zeros(b - m, x.shape[1])])
     y = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
@@ -91,6 +100,22 @@ def mkl_linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor], bias:
     return torch.ops.mkl._mkl_linear(x.contiguous(), packed[0], packed[1], bias, x.shape[0])
 
 
+def mkl_packed_available() -> bool:
+    """Whether this torch build has MKL's packed sgemm ops."""
+    return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def rows_independent(fn, in_features: int, dtype: torch.dtype, rows: tuple[int, ...] = (2, 3, 7, 9, 17, 33)) -> bool:
+    """Whether `fn` ([M, in] -> [M, out]) gives every row bitwise what it gives that row alone, at
+    `rows` row counts and at an unaligned start (a probe on random inputs; MKL's packed sgemm has it
+    for vocabulary-sized outputs but not for ~100 columns)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(max(rows) + 1, in_features, generator=g).to(dtype)
+    with torch.no_grad():
+        alone = [fn(x[i : i + 1]) for i in range(x.shape[0])]
+        return all(torch.equal(fn(x[s : s + m])[i : i + 1], alone[s + i]) for m in rows for s in (0, 1) for i in range(m))
+
+
 def pack_weight(backend: str, w: torch.Tensor):
     """`w` [out, in] in `backend`'s packed layout, or None where this build or dtype has none."""
     if w.device.type != "cpu":
@@ -100,7 +125,7 @@ def pack_weight(backend: str, w: torch.Tensor):
             if backend == "onednn" and w.dtype in (torch.float32, torch.bfloat16) and \
                     torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
                 return torch.ops.mkldnn._reorder_linear_weight(w)
-            if backend == "mkl" and w.dtype == torch.float32 and torch._C.has_mkl and hasattr(torch.ops.mkl, "_mkl_linear"):
+            if backend == "mkl" and w.dtype == torch.float32 and mkl_packed_available():
                 return torch.ops.mkl._mkl_reorder_linear_weight(w, MKL_PACK_ROWS), w.new_zeros(()).expand(w.shape)
     except RuntimeError:  # an op build without this path: keep F.linear
         return None
@@ -125,6 +150,9 @@ class LoRALinear(nn.Linear):
         # None where unsupported); the engine's LoRA layers keep up to four (docs/benchmarks.md)
         self._packed: dict[tuple[str, bool], tuple] = {}
         self._fused: tuple | None = None  # (versions of the LoRA params, A [S*r, in], B [out, S*r] * scaling)
+        self.fixed_backend: str | None = None
+        """A backend for every row count (e.g. MKL's packed sgemm, batch-invariant, for the fp32
+        head of a bf16 model), ahead of `gemm_rows` and `IDLM_CPU_GEMM`."""
         self.gemm_rows: dict[int, str] = {}
         """{row count: backend} of the products that do not run on oneDNN under `IDLM_CPU_GEMM=auto`:
         on some CPUs MKL (packed or not) beats it at a few rows (workers.cpu_gemm measures it)."""
@@ -225,13 +253,21 @@ class LoRALinear(nn.Linear):
         # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
         # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
         ym = y[rows]
-        for lo, hi, c0, c1, bt in self._lora_b_slices():
-            ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
+        if xa.dtype == torch.float32:
+            for lo, hi, c0, c1, bt in self._lora_b_slices():
+                ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
+        else:
+            # bf16 products this small cost ~25 us a call on oneDNN (fp32: ~6): B^T is kept in fp32
+            # and the delta rounded once, into the MASK rows only
+            xa = xa.float()
+            for lo, hi, c0, c1, bt in self._lora_b_slices():
+                ym[:, lo:hi] += (xa[:, c0:c1] @ bt).to(ym.dtype)
         return y
 
     def _lora_b_slices(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
-        """(out lo, out hi, xa col lo, xa col hi, B^T [r, out_s] * scaling, contiguous) per slice
-        with LoRA; cached by the LoRA parameters' versions (the inference path only)."""
+        """(out lo, out hi, xa col lo, xa col hi, B^T [r, out_s] * scaling, contiguous, fp32 on a
+        reduced-precision CPU layer) per slice with LoRA; cached by the LoRA parameters' versions
+        (the inference path only)."""
         key = [p._version for p in self._lora_params]
         c = self._b_slices  # set (None) by _lora_changed
         if c is not None and c[0] == key:
@@ -240,7 +276,8 @@ class LoRALinear(nn.Linear):
         with torch.no_grad():
             for i, n in enumerate(self._lora_names):
                 lo, hi = self.slice_range(n)
-                out.append((lo, hi, i * r, (i + 1) * r, (self.lora_B[n] * self.lora_scaling).t().contiguous()))
+                bt = self.lora_B[n].float() if self.weight.device.type == "cpu" else self.lora_B[n]
+                out.append((lo, hi, i * r, (i + 1) * r, (bt * self.lora_scaling).t().contiguous()))
         self._b_slices = (key, out)
         return out
 
@@ -264,6 +301,10 @@ class LoRALinear(nn.Linear):
         w = self.weight
         if x.dim() != 2 or w.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return "torch"
+        if self.fixed_backend is not None:
+            return self.fixed_backend
+        if w.dtype != torch.float32:
+            return "onednn"  # reduced precision: oneDNN only, batch-invariant (INVARIANT_ROWS)
         backend = cpu_gemm_backend()
         if backend == "auto":
             return self.gemm_rows.get(x.shape[0], "onednn")

@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.attention import AttentionMetadata, dense_attention
 from workers.models.config import ModelConfig
-from workers.models.linear import LoRALinear, LoraRows
+from workers.models.linear import LoRALinear, LoraRows, mkl_packed_available, rows_independent
 
 
 class RMSNorm(nn.Module):
@@ -181,7 +181,11 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of `hidden` [R, H]. On the CPU a bf16/fp16 model computes them in fp32 (from an
         fp32 copy of the head, made once): rounding logits to bf16 would tie near-equal top tokens.
-        (On CUDA the head's product accumulates in fp32 and is returned in the model dtype.)"""
+        That copy runs on MKL's packed sgemm at every row count, whose rows do not depend on how
+        many share the product at vocabulary-sized outputs (batch invariance; `F.linear` and
+        oneDNN's fp32 kernels do not have it); where a probe finds they do (tiny test vocabularies),
+        one product per row. (On CUDA the head's product accumulates in fp32 and is returned in
+        the model dtype.)"""
         w = self.lm_head.weight
         if w.dtype == torch.float32 or w.device.type != "cpu" or torch.is_grad_enabled():
             return self.lm_head(hidden)
@@ -191,8 +195,14 @@ class CausalLM(nn.Module):
                 lin = LoRALinear(self.config.hidden_size, [("lm_head", self.config.vocab_size)], device="meta")
                 lin.weight = nn.Parameter(w.detach().float(), requires_grad=False)
                 lin.gemm_rows = self.lm_head.gemm_rows
-            head = self.__dict__["_lm_head_fp32"] = (w, w._version, lin)  # not a submodule: no state_dict entry
-        return head[2](hidden.float())
+                lin.fixed_backend = "mkl" if mkl_packed_available() else None
+                with torch.inference_mode():
+                    per_row = not rows_independent(lin, lin.in_features, torch.float32)
+            head = self.__dict__["_lm_head_fp32"] = (w, w._version, lin, per_row)  # not a submodule: no state_dict entry
+        h = hidden.float()
+        if head[3] and h.shape[0] > 1:
+            return torch.cat([head[2](h[i : i + 1]) for i in range(h.shape[0])])
+        return head[2](h)
 
     def hf_projections(self) -> dict[str, tuple[str, str]]:
         """HF module path of every projection (`model.layers.0.self_attn.q_proj`, `lm_head`) ->
