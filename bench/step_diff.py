@@ -7,6 +7,7 @@ request, context ~200.
 
     .venv/bin/python bench/step_diff.py                        # stride 2, one MASK group
     .venv/bin/python bench/step_diff.py --stride 2 --anchors every
+    .venv/bin/python bench/step_diff.py --stride 4 --dtype bfloat16
 
 A benchmark, never a test; run it on an idle machine.
 """
@@ -49,10 +50,11 @@ def main() -> None:
     ap.add_argument("--anchors", choices=("last", "every"), default="last")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--dtype", default="float32")
     a = ap.parse_args()
-    loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=a.stride))
+    loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=a.stride, dtype=a.dtype))
     params = SamplingParams(temperature=0, max_tokens=a.steps * a.stride + 64, ignore_eos=True)
-    common = dict(loaded=loaded, max_num_seqs=1, max_num_batched_tokens=8192, kv_cache_tokens=2048)
+    common = dict(loaded=loaded, dtype=a.dtype, max_num_seqs=1, max_num_batched_tokens=8192, kv_cache_tokens=2048)
     ar = LLM("smollm2", mode="ar", **common)
     prompts = make_prompts(ar.tokenizer, 1, 200)
     ref = {tuple(p): o.token_ids for p, o in zip(prompts, ar.generate(prompts, params))}

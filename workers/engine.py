@@ -8,6 +8,7 @@ drives it from a background thread for the cluster, `workers.llm` for offline us
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 
 from idlm_kernels.rng import request_key
 from workers import logprobs
+from workers.batch_invariance import invariance_failures
 from workers.block_manager import BlockManager
 from workers.config import EngineConfig
 from workers.cpu_gemm import apply_gemm_rows, choose_gemm_rows
@@ -35,6 +37,7 @@ from workers.scheduler import Scheduler
 from workers.stats import StatsCollector
 from workers.stride import StridePolicy
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,11 +112,17 @@ class LLMEngine:
         self.every_anchor = config.stride > 1 and (config.draft_anchors == "every" or (
             config.draft_anchors == "auto" and not self.runner.kernel_path))
         model = loaded.model
-        if self.runner.device.type == "cpu" and config.dtype == "float32" and cpu_gemm_backend() == "auto" \
-                and getattr(model, "gemm_rows", None) is None:
-            # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded model
-            # (engines sharing a model share it), before the stride policy calibrates its costs.
+        cpu = self.runner.device.type == "cpu"
+        if cpu and config.dtype == "float32" and cpu_gemm_backend() == "auto" and getattr(model, "gemm_rows", None) is None:
+            # Which GEMM is faster at a few rows depends on the CPU: measured once per loaded fp32
+            # model (engines sharing a model share it), before the stride policy calibrates its costs.
             model.gemm_rows = choose_gemm_rows(self.runner.time_rows, lambda rows: apply_gemm_rows(model, rows))
+        if cpu and config.dtype != "float32" and not hasattr(model, "batch_invariant"):
+            bad = invariance_failures(model)  # bf16 exactness rests on measured kernel properties
+            model.batch_invariant = not bad
+            if bad:
+                log.warning("%s kernels not batch-invariant here (%s): ISD may leave AR at near-ties", config.dtype, bad)
+        self.batch_invariant: bool | None = getattr(model, "batch_invariant", None)  # None: fp32 / GPU
         # A short start-up calibration of step time against rows (refined online by `step`), and
         # the `auto` layout for this machine's GEMM row split (workers.draft_layout)
         self.every_anchor, cost = startup_costs(config, self.runner.time_rows, self.every_anchor,

@@ -141,3 +141,22 @@ def test_smollm2_bf16_risd_equals_ar():
             assert [e.logprob for e in o.logprobs] == [e.logprob for e in r.logprobs]
         if not adaptive:
             assert llm.stats().tokens_per_forward > 1.1
+
+
+def test_startup_probe_passes_here_and_catches_a_batch_dependent_kernel():
+    """`invariance_failures` finds nothing on the engine's bf16 kernels (the engine records it), and
+    the probe flags kernels whose rows depend on the batch: fp32 `F.linear` (MKL's sgemm) and a
+    bf16 product of more than INVARIANT_ROWS rows in one piece."""
+    import torch.nn.functional as F
+
+    from workers.batch_invariance import invariance_failures
+    from workers.models.linear import rows_independent
+
+    loaded = _bf16_tiny("qwen3")
+    assert invariance_failures(loaded.model) == []
+    llm = LLM(loaded=loaded, mode="ar", dtype="bfloat16", kv_cache_tokens=1024)
+    assert llm.engine.batch_invariant is True
+    w = torch.randn(1000, 576)
+    assert not rows_independent(lambda x: F.linear(x, w), 576, torch.float32)
+    assert not rows_independent(lambda x: F.linear(x, w.bfloat16()), 576, torch.bfloat16)  # at 33 rows
+    assert rows_independent(lambda x: F.linear(x, w.bfloat16()), 576, torch.bfloat16, rows=(2, 7, 32))
