@@ -46,13 +46,13 @@ an index tensor (dense training batches), or None (no LoRA this call)."""
 
 GEMM_BACKENDS = ("onednn", "mkl", "torch")
 MKL_PACK_ROWS = 16
+"""The row count MKL's packed weights are built for (see the module docstring: any count works)."""
 INVARIANT_ROWS = 32
 """Reduced-precision (bf16/fp16) products on the CPU run on oneDNN in pieces of at most this many
 rows: up to 32 rows a row's product is bitwise the same whatever the row count and the row's place
 (oneDNN's AMX/AVX-512 bf16 kernels; from 33 rows it changes), so every row is computed the same in
 a 1-row AR step, a 7-row R-ISD block or a prefill chunk (batch invariance, DESIGN §1;
-tests/workers/test_batch_invariance.py checks this build)."""
-"""The row count MKL's packed weights are built for (see the module docstring: any count works)."""
+tests/workers/test_batch_invariance.py checks this build, workers.batch_invariance at start-up)."""
 
 
 def cpu_gemm_backend() -> str:
@@ -253,12 +253,12 @@ class LoRALinear(nn.Linear):
         # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
         # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
         ym = y[rows]
-        if xa.dtype == torch.float32:
+        if xa.dtype == torch.float32 or x.device.type != "cpu":
             for lo, hi, c0, c1, bt in self._lora_b_slices():
                 ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
         else:
-            # bf16 products this small cost ~25 us a call on oneDNN (fp32: ~6): B^T is kept in fp32
-            # and the delta rounded once, into the MASK rows only
+            # reduced precision on the CPU: bf16 products this small cost ~25 us a call on oneDNN
+            # (fp32: ~6), so B^T is kept in fp32 and the delta rounded once, into the MASK rows only
             xa = xa.float()
             for lo, hi, c0, c1, bt in self._lora_b_slices():
                 ym[:, lo:hi] += (xa[:, c0:c1] @ bt).to(ym.dtype)
