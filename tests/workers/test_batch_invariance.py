@@ -149,8 +149,7 @@ def test_startup_probe_passes_here_and_catches_a_batch_dependent_kernel():
     bf16 product of more than INVARIANT_ROWS rows in one piece."""
     import torch.nn.functional as F
 
-    from workers.batch_invariance import invariance_failures
-    from workers.models.linear import rows_independent
+    from workers.batch_invariance import invariance_failures, rows_independent
 
     loaded = _bf16_tiny("qwen3")
     assert invariance_failures(loaded.model) == []

@@ -105,17 +105,6 @@ def mkl_packed_available() -> bool:
     return bool(torch._C.has_mkl) and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def rows_independent(fn, in_features: int, dtype: torch.dtype, rows: tuple[int, ...] = (2, 3, 7, 9, 17, 33)) -> bool:
-    """Whether `fn` ([M, in] -> [M, out]) gives every row bitwise what it gives that row alone, at
-    `rows` row counts and at an unaligned start (a probe on random inputs; MKL's packed sgemm has it
-    for vocabulary-sized outputs but not for ~100 columns)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(max(rows) + 1, in_features, generator=g).to(dtype)
-    with torch.no_grad():
-        alone = [fn(x[i : i + 1]) for i in range(x.shape[0])]
-        return all(torch.equal(fn(x[s : s + m])[i : i + 1], alone[s + i]) for m in rows for s in (0, 1) for i in range(m))
-
-
 def pack_weight(backend: str, w: torch.Tensor):
     """`w` [out, in] in `backend`'s packed layout, or None where this build or dtype has none."""
     if w.device.type != "cpu":

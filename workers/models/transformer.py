@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.attention import AttentionMetadata, dense_attention
+from workers.batch_invariance import rows_independent
 from workers.models.config import ModelConfig
-from workers.models.linear import LoRALinear, LoraRows, mkl_packed_available, rows_independent
+from workers.models.linear import LoRALinear, LoraRows, mkl_packed_available
 
 
 class RMSNorm(nn.Module):
