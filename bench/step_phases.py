@@ -9,6 +9,7 @@ engine's AR step dearer than AR's, and where" without a profiler's own overhead.
 
     .venv/bin/python bench/step_phases.py 64 64 3     # C, tokens per request, repeats
     .venv/bin/python bench/step_phases.py 1 128 4
+    .venv/bin/python bench/step_phases.py 1 128 4 bfloat16   # dtype as the fourth argument
 
 A benchmark, never a test; time it on an idle machine.
 """
@@ -44,8 +45,8 @@ def _timed(obj, name: str, key: str, acc: dict, cur: list) -> None:
     setattr(obj, name, g)
 
 
-def main(c: int, tokens: int, repeats: int) -> None:
-    loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=4))
+def main(c: int, tokens: int, repeats: int, dtype: str = "float32") -> None:
+    loaded = load_engine_model(EngineConfig(model="smollm2", mode="risd", stride=4, dtype=dtype))
     engines = {m: LLM("smollm2", loaded=loaded, mode=m, stride=4, max_num_seqs=c, max_num_batched_tokens=4096,
                       kv_cache_tokens=c * (tokens + 200)) for m in MODES}
     acc: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
@@ -82,4 +83,4 @@ def main(c: int, tokens: int, repeats: int) -> None:
 
 if __name__ == "__main__":
     args = [int(x) for x in sys.argv[1:4]]
-    main(*(args + [64, 64, 3][len(args):]))
+    main(*(args + [64, 64, 3][len(args):]), *sys.argv[4:5])

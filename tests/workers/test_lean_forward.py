@@ -84,6 +84,31 @@ def test_tail_slice_path_equals_the_index_path():
     torch.testing.assert_close(fast[n_clean:], slow[n_clean:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tail_path_with_lora_on_some_slices_and_after_an_in_place_update(dtype):
+    """The engine's slice path (one product against the block-diagonal B^T) on a fused projection
+    whose middle slice has no LoRA: MASK rows equal the index path's (to rounding), clean rows and
+    the LoRA-free slice's columns are bitwise the base product, and an in-place change of a LoRA
+    weight (an optimizer step) is seen by the next call (the cached plan is keyed by versions)."""
+    torch.manual_seed(0)
+    lin = LoRALinear(64, [("q", 48), ("k", 16), ("v", 32)]).to(dtype)
+    lin.add_lora(4, 2.0, names=["q", "v"], init_b_zero=False)
+    lin.requires_grad_(False)
+    x = torch.randn(7, 64).to(dtype)
+    gate = torch.arange(7) >= 4
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for _ in range(2):
+        with torch.inference_mode():
+            fast, base = lin(x, lora_rows=slice(4, None)), lin(x)
+        with torch.no_grad():
+            slow = lin(x, lora_rows=gate.nonzero().squeeze(1))
+        assert torch.equal(fast[:4], base[:4]) and torch.equal(fast[4:, 48:64], base[4:, 48:64])
+        torch.testing.assert_close(fast[4:], slow[4:], **tol)
+        assert not torch.equal(fast[4:], base[4:])
+        with torch.no_grad():
+            lin.lora_B["v"].mul_(-3.0)  # in place: the next pass must see it
+
+
 def test_flat_layout_matches_request_order_layout():
     """Putting MASK rows last changes nothing but row order: the same requests fed with each
     request's rows together (no LoRA, so only attention and positions are under test)."""

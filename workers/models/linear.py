@@ -24,8 +24,8 @@ gradient, and rebuilt when the weight changes. `IDLM_CPU_GEMM=onednn|mkl|torch` 
 
 Gated LoRA, fused: the slices' A matrices are stacked (`[S*r, in]`, on CPU packed under the base
 weight so the base product and every row's x @ A^T are one GEMM) and their B matrices placed on a
-block diagonal (`[out, S*r]`, the training/index path); the engine's path adds each slice's
-x @ A^T @ B^T into the MASK rows with that slice's B^T alone (no zero blocks to read). Per-slice
+block diagonal (`[out, S*r]`); the engine's path adds x @ A^T @ B^T into the MASK rows with one
+product against that block-diagonal B^T (fp32 on a reduced-precision CPU layer). Per-slice
 parameters stay the source of truth (PEFT names, training); the fused pair is a cache keyed by
 their versions. Rows outside the selection are never touched, so they stay bitwise equal to the
 base product (what makes R-ISD lossless).
@@ -199,7 +199,7 @@ class LoRALinear(nn.Linear):
         self._lora_names = [n for n in self.slice_names if n in self.lora_A]
         self._lora_params = [self.lora_A[n] for n in self._lora_names] + [self.lora_B[n] for n in self._lora_names]
         self._fused = None
-        self._b_slices = None
+        self._tail: dict[str, tuple] = {}  # backend -> (weight, versions, `_tail_weights`' tuple)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, lora_rows: LoraRows = None) -> torch.Tensor:
@@ -226,49 +226,49 @@ class LoRALinear(nn.Linear):
             # not the one with LoRA A under it (its extra columns cost ~4.5% of SmolLM2's GEMMs).
             # The price: an R-ISD engine that runs both kinds of steps keeps both packed copies.
             return self._base(x)
-        a, b = self._fused_lora()
         backend = self._backend(x)
-        merged = self._packed_weight(backend, with_lora_a=True) if backend != "torch" else None
+        merged, bias, bt = self._tail_weights(backend)
+        out = self.out_features
         if merged is not None:
             # One packed GEMM against [W; A]: the base output and every row's x @ A^T (the clean
             # rows' extra columns are wasted, and cheaper than a second small GEMM call). Its first
             # `out` columns are bit-identical to the product with W alone on the same backend (each
             # output column is its own dot product); tests/workers/test_lean_forward.py checks this.
-            full = PACKED_LINEAR[backend](x, merged, self.bias_with_lora_a())
-            y, xa = full[:, : self.out_features], full[rows, self.out_features :]
+            full = PACKED_LINEAR[backend](x, merged, bias)
+            y, xa = full[:, :out], full[rows, out:]
         else:
-            y, xa = self._base(x, backend), F.linear(x[rows], a)
-        # One add per slice into the MASK rows only, against that slice's B^T alone: the fused
-        # block-diagonal B is mostly zeros (2/3 of qkv's, 1/2 of gate_up's), and small-M GEMMs
-        # here are bound by reading B (tests/workers/test_lean_forward.py compares the two).
+            y, xa = self._base(x, backend), F.linear(x[rows], self._fused_lora()[0])
+        # One product against every slice's B^T at once (block-diagonal, zeros where a slice has
+        # no LoRA), added into the MASK rows only. Per slice, with no zero blocks to read, costs
+        # less GEMM time but three more ops a slice, and at these sizes an op's fixed cost
+        # dominates (SmolLM2, 7 slices a layer: docs/benchmarks.md item 14).
         ym = y[rows]
-        if xa.dtype == torch.float32 or x.device.type != "cpu":
-            for lo, hi, c0, c1, bt in self._lora_b_slices():
-                ym[:, lo:hi].addmm_(xa[:, c0:c1], bt)
+        if bt.dtype == xa.dtype:
+            ym.addmm_(xa, bt)
         else:
             # reduced precision on the CPU: bf16 products this small cost ~25 us a call on oneDNN
-            # (fp32: ~6), so B^T is kept in fp32 and the delta rounded once, into the MASK rows only
-            xa = xa.float()
-            for lo, hi, c0, c1, bt in self._lora_b_slices():
-                ym[:, lo:hi] += (xa[:, c0:c1] @ bt).to(ym.dtype)
+            # (fp32: ~6), so B^T is kept in fp32; the fp32 delta is added into the bf16 MASK rows
+            # and rounded once (an in-place add of fp32 into bf16: no separate cast)
+            ym += xa.float() @ bt
         return y
 
-    def _lora_b_slices(self) -> list[tuple[int, int, int, int, torch.Tensor]]:
-        """(out lo, out hi, xa col lo, xa col hi, B^T [r, out_s] * scaling, contiguous, fp32 on a
-        reduced-precision CPU layer) per slice with LoRA; cached by the LoRA parameters' versions
-        (the inference path only)."""
-        key = [p._version for p in self._lora_params]
-        c = self._b_slices  # set (None) by _lora_changed
-        if c is not None and c[0] == key:
-            return c[1]
-        r, out = self.lora_rank, []
+    def _tail_weights(self, backend: str) -> tuple:
+        """(packed [W; A] or None, its bias, B^T [S*r, out] block-diagonal with the scaling folded
+        in, fp32 on a reduced-precision CPU layer) for `backend`: one version check a call, cached
+        per backend (the inference path only)."""
+        w = self.weight
+        key = (w._version, [p._version for p in self._lora_params])
+        t = self._tail.get(backend)
+        if t is not None and t[0] is w and t[1] == key:
+            return t[2]
         with torch.no_grad():
-            for i, n in enumerate(self._lora_names):
-                lo, hi = self.slice_range(n)
-                bt = self.lora_B[n].float() if self.weight.device.type == "cpu" else self.lora_B[n]
-                out.append((lo, hi, i * r, (i + 1) * r, (bt * self.lora_scaling).t().contiguous()))
-        self._b_slices = (key, out)
-        return out
+            merged = self._packed_weight(backend, with_lora_a=True) if backend != "torch" else None
+            b = self._fused_lora()[1]
+            if w.device.type == "cpu":
+                b = b.float()
+            plan = (merged, self.bias_with_lora_a(), b.t().contiguous())
+        self._tail[backend] = (w, key, plan)
+        return plan
 
     def bias_with_lora_a(self) -> torch.Tensor | None:
         if self.bias is None:
