@@ -199,7 +199,7 @@ class LoRALinear(nn.Linear):
         self._lora_names = [n for n in self.slice_names if n in self.lora_A]
         self._lora_params = [self.lora_A[n] for n in self._lora_names] + [self.lora_B[n] for n in self._lora_names]
         self._fused = None
-        self._tail: dict[str, tuple] = {}  # backend -> (weight, versions, `_tail_weights`' tuple)
+        self._tail: tuple | None = None  # (weight, versions, bias, B^T, {backend: packed [W; A]})
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, lora_rows: LoraRows = None) -> torch.Tensor:
@@ -253,22 +253,20 @@ class LoRALinear(nn.Linear):
         return y
 
     def _tail_weights(self, backend: str) -> tuple:
-        """(packed [W; A] or None, its bias, B^T [S*r, out] block-diagonal with the scaling folded
-        in, fp32 on a reduced-precision CPU layer) for `backend`: one version check a call, cached
-        per backend (the inference path only)."""
+        """(packed [W; A] on `backend` or None, its bias, B^T [S*r, out] block-diagonal with the
+        scaling folded in, fp32 on a reduced-precision CPU layer): one version check a call (the
+        inference path only); B^T is shared by the backends, the packed weights are per backend."""
         w = self.weight
         key = (w._version, [p._version for p in self._lora_params])
-        t = self._tail.get(backend)
-        if t is not None and t[0] is w and t[1] == key:
-            return t[2]
-        with torch.no_grad():
-            merged = self._packed_weight(backend, with_lora_a=True) if backend != "torch" else None
-            b = self._fused_lora()[1]
-            if w.device.type == "cpu":
-                b = b.float()
-            plan = (merged, self.bias_with_lora_a(), b.t().contiguous())
-        self._tail[backend] = (w, key, plan)
-        return plan
+        t = self._tail
+        if t is None or t[0] is not w or t[1] != key:
+            with torch.no_grad():
+                b = self._fused_lora()[1]
+                t = self._tail = (w, key, self.bias_with_lora_a(), (b.float() if w.device.type == "cpu" else b).t().contiguous(), {})
+        merged = t[4].get(backend)
+        if merged is None and backend != "torch":
+            merged = t[4][backend] = self._packed_weight(backend, with_lora_a=True)
+        return merged, t[2], t[3]
 
     def bias_with_lora_a(self) -> torch.Tensor | None:
         if self.bias is None:
