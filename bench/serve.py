@@ -88,6 +88,12 @@ def main():
               f"ITL p50/p99 {r['itl_ms'][50]} / {r['itl_ms'][99]} ms errors {r['errors']}", flush=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "serve.json").write_text(json.dumps({"base_url": a.base_url, "max_tokens": a.max_tokens, "rows": rows}, indent=1))
+    plot(rows)
+
+
+def plot(rows: list[dict]) -> None:
+    """serve.png from a run's rows (also: `python -c "import json, bench.serve as s;
+    s.plot(json.load(open('bench/results/serve.json'))['rows'])"`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,8 +104,9 @@ def main():
     ax[0].plot(cs, [r["tok_s"] for r in rows], "o-")
     ax[0].set_title("tokens/s")
     for p in (50, 99):
-        ax[1].plot(cs, [r["ttft_ms"][p] for r in rows], "o-", label=f"p{p}")
-        ax[2].plot(cs, [r["itl_ms"][p] for r in rows], "o-", label=f"p{p}")
+        # percentile keys are ints in a run, strings once read back from serve.json
+        ax[1].plot(cs, [r["ttft_ms"].get(p, r["ttft_ms"].get(str(p))) for r in rows], "o-", label=f"p{p}")
+        ax[2].plot(cs, [r["itl_ms"].get(p, r["itl_ms"].get(str(p))) for r in rows], "o-", label=f"p{p}")
     ax[1].set_title("TTFT ms")
     ax[2].set_title("ITL ms")
     for x in ax:
@@ -109,7 +116,6 @@ def main():
     ax[1].legend()
     fig.tight_layout()
     fig.savefig(OUT / "serve.png", dpi=110)
-
 
 if __name__ == "__main__":
     main()
