@@ -257,7 +257,7 @@ class LoRALinear(nn.Linear):
         scaling folded in, fp32 on a reduced-precision CPU layer): one version check a call (the
         inference path only); B^T is shared by the backends, the packed weights are per backend."""
         w = self.weight
-        key = (w._version, [p._version for p in self._lora_params])
+        key = (w._version, None if self.bias is None else self.bias._version, [p._version for p in self._lora_params])
         t = self._tail
         if t is None or t[0] is not w or t[1] != key:
             with torch.no_grad():
