@@ -52,7 +52,7 @@ class StepCostModel:
     counts it does not run (e.g. the 2N-1 rows of a stride it has not chosen yet), which it then
     could never come to prefer. An offset learnt anywhere applies everywhere. MASK rows cost more
     than clean rows: a step with any pays the gated LoRA's weight reads once (`lora_cost`: the
-    GEMM against the weight with LoRA A under it, one small B product per slice and layer, whatever
+    GEMM against the weight with LoRA A under it, one small B product per projection, whatever
     the count at a few rows), and each one a little more (`mask_cost`). Both start at their
     calibrated values and are refitted from steps with and without MASK rows. `scale` (machine
     speed drift, row-dependent costs) is held near 1 by a strong prior and moves only when the
