@@ -117,5 +117,6 @@ def plot(rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(OUT / "serve.png", dpi=110)
 
+
 if __name__ == "__main__":
     main()
